@@ -1,0 +1,153 @@
+"""The packed batch one transformer forward runs on, and the per-token metadata derived from it.
+
+A forward holds several *sequences*: one per request and CFG branch. Sequence ``s`` is
+``[text_s, noisy frames_s (layers+1), condition frame_s]``; sequences may differ in text length,
+layer count and resolution, and each has its own timestep. Nothing is padded: image tokens of all
+sequences are concatenated into one ``[N_img, C]`` tensor and text tokens into one ``[N_txt, C]``
+tensor, and attention runs block-diagonally over a joint buffer where sequence ``s`` occupies the
+contiguous rows ``cu_seqlens[s]:cu_seqlens[s+1]`` in the order text, then image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_layered.model_executor.rope import layer3d_positions, rope_cos_sin
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    """Shape of one sequence: ``height`` and ``width`` count 2x2 latent patches (pixels / 16)."""
+
+    text_len: int
+    layers: int
+    height: int
+    width: int
+
+    def __post_init__(self) -> None:
+        if self.text_len < 1 or self.layers < 1 or self.height < 1 or self.width < 1:
+            raise ValueError(f"invalid sequence layout {self}")
+
+    @property
+    def frame_tokens(self) -> int:
+        return self.height * self.width
+
+    @property
+    def noisy_tokens(self) -> int:
+        """Tokens of the composite frame plus the ``layers`` RGBA frames."""
+        return (self.layers + 1) * self.frame_tokens
+
+    @property
+    def image_tokens(self) -> int:
+        """Noisy tokens plus the condition frame."""
+        return (self.layers + 2) * self.frame_tokens
+
+    @property
+    def total_tokens(self) -> int:
+        return self.text_len + self.image_tokens
+
+
+@dataclass
+class ForwardBatch:
+    """Inputs of one packed transformer forward.
+
+    image_tokens: [sum image_tokens, in_channels]  (noisy frames then condition frame, per sequence)
+    text_embeds:  [sum text_len, joint_attention_dim]
+    timesteps:    [S] float, the flow-matching sigma in [0, 1] of each sequence
+    t_cond:       [S] long, the additional timestep condition (0 for RGB inputs, as the reference)
+    """
+
+    image_tokens: torch.Tensor
+    text_embeds: torch.Tensor
+    timesteps: torch.Tensor
+    layouts: list[SequenceLayout]
+    t_cond: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        num_img = sum(s.image_tokens for s in self.layouts)
+        num_txt = sum(s.text_len for s in self.layouts)
+        if self.image_tokens.shape[0] != num_img:
+            raise ValueError(f"image_tokens has {self.image_tokens.shape[0]} rows, layouts need {num_img}")
+        if self.text_embeds.shape[0] != num_txt:
+            raise ValueError(f"text_embeds has {self.text_embeds.shape[0]} rows, layouts need {num_txt}")
+        if self.timesteps.shape != (len(self.layouts),):
+            raise ValueError(f"timesteps shape {tuple(self.timesteps.shape)} != ({len(self.layouts)},)")
+        if self.t_cond is None:
+            self.t_cond = torch.zeros(len(self.layouts), dtype=torch.long, device=self.timesteps.device)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.layouts)
+
+    @property
+    def num_noisy_tokens(self) -> int:
+        return sum(s.noisy_tokens for s in self.layouts)
+
+
+@dataclass
+class PackedMetadata:
+    """Index tensors and RoPE tables shared by all blocks of one forward (built once per forward).
+
+    img_seg / txt_seg: [N] int32 sequence id of each token (selects its timestep modulation)
+    img_rows / txt_rows: [N] int64 row of each token in the joint attention buffer
+    cu_seqlens: [S+1] int32 sequence boundaries in the joint buffer
+    img_cos / img_sin / txt_cos / txt_sin: [N, head_dim // 2] float32 rotation tables
+    noisy_rows: [N_noisy] int64 rows of ``image_tokens`` that are noisy frames (the model output)
+    """
+
+    img_seg: torch.Tensor
+    txt_seg: torch.Tensor
+    img_rows: torch.Tensor
+    txt_rows: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    img_cos: torch.Tensor
+    img_sin: torch.Tensor
+    txt_cos: torch.Tensor
+    txt_sin: torch.Tensor
+    noisy_rows: torch.Tensor
+    total_tokens: int
+
+    @classmethod
+    def build(
+        cls,
+        layouts: list[SequenceLayout],
+        *,
+        axes_dims: tuple[int, int, int],
+        theta: float,
+        device: torch.device,
+    ) -> PackedMetadata:
+        img_seg, txt_seg, img_rows, txt_rows, noisy_rows = [], [], [], [], []
+        img_pos, txt_pos = [], []
+        cu = [0]
+        img_offset = 0
+        for s, layout in enumerate(layouts):
+            start = cu[-1]
+            txt_seg.append(torch.full((layout.text_len,), s, dtype=torch.int32))
+            img_seg.append(torch.full((layout.image_tokens,), s, dtype=torch.int32))
+            txt_rows.append(torch.arange(start, start + layout.text_len))
+            img_rows.append(torch.arange(start + layout.text_len, start + layout.total_tokens))
+            noisy_rows.append(torch.arange(img_offset, img_offset + layout.noisy_tokens))
+            image_positions, text_positions = layer3d_positions(layout)
+            img_pos.append(image_positions)
+            txt_pos.append(text_positions)
+            img_offset += layout.image_tokens
+            cu.append(start + layout.total_tokens)
+        img_cos, img_sin = rope_cos_sin(torch.cat(img_pos), axes_dims=axes_dims, theta=theta)
+        txt_cos, txt_sin = rope_cos_sin(torch.cat(txt_pos), axes_dims=axes_dims, theta=theta)
+        return cls(
+            img_seg=torch.cat(img_seg).to(device),
+            txt_seg=torch.cat(txt_seg).to(device),
+            img_rows=torch.cat(img_rows).to(device),
+            txt_rows=torch.cat(txt_rows).to(device),
+            cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
+            max_seqlen=max(layout.total_tokens for layout in layouts),
+            img_cos=img_cos.to(device),
+            img_sin=img_sin.to(device),
+            txt_cos=txt_cos.to(device),
+            txt_sin=txt_sin.to(device),
+            noisy_rows=torch.cat(noisy_rows).to(device),
+            total_tokens=cu[-1],
+        )

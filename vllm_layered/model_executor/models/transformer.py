@@ -1,0 +1,277 @@
+"""Qwen-Image-Layered transformer (VLD-MMDiT) over packed batches.
+
+60 dual-stream blocks: image and text tokens keep separate weights (AdaLN modulation, QKV, output
+projection, MLP) and meet in one joint attention per sequence. The Layered variant adds the Layer3D
+RoPE and an additional timestep condition embedding. Parameter names follow diffusers'
+``QwenImageTransformer2DModel`` so the official ``transformer/`` folder loads as is.
+
+Shapes: activations are flat per stream, image [N_img, C] and text [N_txt, C]; modulation is per
+sequence [S, C] and reaches tokens through their segment id (see forward_batch.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vllm_layered.model_executor.forward_batch import ForwardBatch, PackedMetadata
+from vllm_layered.model_executor.rope import apply_rope_ref
+from vllm_layered.model_executor.weight_loader import install_weights, load_component
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    patch_size: int = 2
+    in_channels: int = 64
+    out_channels: int = 16
+    num_layers: int = 60
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 3584
+    axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
+    use_additional_t_cond: bool = True
+    use_layer3d_rope: bool = True
+    zero_cond_t: bool = False
+    guidance_embeds: bool = False
+    rope_theta: float = 10000.0
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if not self.use_layer3d_rope:
+            raise ValueError("only the Layered variant (use_layer3d_rope=true) is supported")
+        if self.zero_cond_t or self.guidance_embeds:
+            raise ValueError("zero_cond_t and guidance_embeds are not used by Qwen-Image-Layered")
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must sum to {self.attention_head_dim}")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TransformerConfig:
+        raw = json.loads(Path(path).read_text())
+        known = set(cls.__dataclass_fields__)
+        kwargs = {k: v for k, v in raw.items() if k in known}
+        if "axes_dims_rope" in kwargs:
+            kwargs["axes_dims_rope"] = tuple(kwargs["axes_dims_rope"])
+        return cls(**kwargs)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a weight; statistics in float32, output rounded as diffusers' RMSNorm does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return x * self.weight
+
+
+class FeedForward(nn.Module):
+    """Linear -> GELU(tanh) -> Linear; names net.0.proj / net.2 as in diffusers."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.ModuleList([_GELUProj(dim, hidden), nn.Identity(), nn.Linear(hidden, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class _GELUProj(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class JointAttention(nn.Module):
+    """QKV for both streams, QK RMSNorm + Layer3D RoPE, block-diagonal joint attention, out proj."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        dim, head_dim = config.inner_dim, config.attention_head_dim
+        self.num_heads = config.num_attention_heads
+        self.head_dim = head_dim
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, dim) for _ in range(3))
+        self.norm_q, self.norm_k = RMSNorm(head_dim, config.eps), RMSNorm(head_dim, config.eps)
+        self.norm_added_q = RMSNorm(head_dim, config.eps)
+        self.norm_added_k = RMSNorm(head_dim, config.eps)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.to_add_out = nn.Linear(dim, dim)
+
+    def forward(
+        self, img: torch.Tensor, txt: torch.Tensor, meta: PackedMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        heads = (-1, self.num_heads, self.head_dim)
+        shape = (meta.total_tokens, self.num_heads, self.head_dim)
+        q = img.new_empty(shape)
+        k = img.new_empty(shape)
+        v = img.new_empty(shape)
+        for rows, x, (proj_q, proj_k, proj_v), (norm_q, norm_k), (cos, sin) in (
+            (meta.img_rows, img, (self.to_q, self.to_k, self.to_v), (self.norm_q, self.norm_k),
+             (meta.img_cos, meta.img_sin)),
+            (meta.txt_rows, txt, (self.add_q_proj, self.add_k_proj, self.add_v_proj),
+             (self.norm_added_q, self.norm_added_k), (meta.txt_cos, meta.txt_sin)),
+        ):
+            q[rows] = apply_rope_ref(norm_q(proj_q(x).view(heads)), cos, sin)
+            k[rows] = apply_rope_ref(norm_k(proj_k(x).view(heads)), cos, sin)
+            v[rows] = proj_v(x).view(heads)
+        out = packed_attention(q, k, v, meta).flatten(1)
+        return self.to_out[0](out[meta.img_rows]), self.to_add_out(out[meta.txt_rows])
+
+
+def packed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PackedMetadata
+) -> torch.Tensor:
+    """Block-diagonal attention over [S_total, H, D]: each sequence attends only to itself."""
+    out = torch.empty_like(q)
+    bounds = meta.cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        seq = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+        out[start:end] = F.scaled_dot_product_attention(*seq)[0].transpose(0, 1)
+    return out
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """LayerNorm without affine, then per-sequence AdaLN: norm(x) * (1 + scale[seg]) + shift[seg]."""
+    x = F.layer_norm(x, x.shape[-1:], eps=1e-6)
+    return x * (1 + scale[seg]) + shift[seg]
+
+
+class DualStreamBlock(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        dim = config.inner_dim
+        self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.attn = JointAttention(config)
+        self.img_mlp = FeedForward(dim, 4 * dim)
+        self.txt_mlp = FeedForward(dim, 4 * dim)
+
+    def forward(
+        self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, meta: PackedMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # [S, 6C] -> shift1, scale1, gate1, shift2, scale2, gate2, each [S, C]
+        img_mod = self.img_mod(temb).chunk(6, dim=-1)
+        txt_mod = self.txt_mod(temb).chunk(6, dim=-1)
+        img_attn, txt_attn = self.attn(
+            modulate(img, img_mod[0], img_mod[1], meta.img_seg),
+            modulate(txt, txt_mod[0], txt_mod[1], meta.txt_seg),
+            meta,
+        )
+        img = img + img_mod[2][meta.img_seg] * img_attn
+        txt = txt + txt_mod[2][meta.txt_seg] * txt_attn
+        img = img + img_mod[5][meta.img_seg] * self.img_mlp(modulate(img, img_mod[3], img_mod[4], meta.img_seg))
+        txt = txt + txt_mod[5][meta.txt_seg] * self.txt_mlp(modulate(txt, txt_mod[3], txt_mod[4], meta.txt_seg))
+        return img, txt
+
+
+def timestep_features(timesteps: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """Sinusoidal features of sigma*1000, cos first (flip_sin_to_cos, shift 0), float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    angles = 1000 * (timesteps[:, None].float() * freqs[None, :])
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(256, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class TimeTextEmbed(nn.Module):
+    """temb = MLP(sinusoid(sigma)) + Embedding(2)[t_cond]."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedder(config.inner_dim)
+        self.addition_t_embedding = nn.Embedding(2, config.inner_dim)
+
+    def forward(self, timesteps: torch.Tensor, t_cond: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # the reference rounds sigma to the activation dtype before the sinusoid
+        feats = timestep_features(timesteps.to(dtype)).to(dtype)
+        return self.timestep_embedder(feats) + self.addition_t_embedding(t_cond).to(dtype)
+
+
+class OutputNorm(nn.Module):
+    """AdaLayerNormContinuous: LayerNorm(x) * (1 + scale) + shift, with (scale, shift) from temb."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(F.silu(temb)).chunk(2, dim=-1)
+        return modulate(x, shift, scale, seg)
+
+
+class LayeredTransformer(nn.Module):
+    def __init__(self, *, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.inner_dim
+        self.time_text_embed = TimeTextEmbed(config)
+        self.txt_norm = RMSNorm(config.joint_attention_dim, config.eps)
+        self.img_in = nn.Linear(config.in_channels, dim)
+        self.txt_in = nn.Linear(config.joint_attention_dim, dim)
+        self.transformer_blocks = nn.ModuleList(DualStreamBlock(config) for _ in range(config.num_layers))
+        self.norm_out = OutputNorm(dim)
+        self.proj_out = nn.Linear(dim, config.patch_size**2 * config.out_channels)
+
+    def build_metadata(self, batch: ForwardBatch) -> PackedMetadata:
+        return PackedMetadata.build(
+            batch.layouts,
+            axes_dims=self.config.axes_dims_rope,
+            theta=self.config.rope_theta,
+            device=batch.image_tokens.device,
+        )
+
+    def forward(self, batch: ForwardBatch, meta: PackedMetadata | None = None) -> torch.Tensor:
+        """Velocity prediction for the noisy tokens: [sum noisy_tokens, patch^2 * out_channels]."""
+        meta = meta or self.build_metadata(batch)
+        img = self.img_in(batch.image_tokens)
+        txt = self.txt_in(self.txt_norm(batch.text_embeds))
+        temb = self.time_text_embed(batch.timesteps, batch.t_cond, img.dtype)
+        for block in self.transformer_blocks:
+            img, txt = block(img, txt, temb, meta)
+        noisy = img[meta.noisy_rows]
+        return self.proj_out(self.norm_out(noisy, temb, meta.img_seg[meta.noisy_rows]))
+
+    def load_weights(self, weights) -> set[str]:
+        return install_weights(self, weights, component="transformer")
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
+    ) -> LayeredTransformer:
+        """Build on the meta device and stream a diffusers ``transformer/`` folder onto ``device``."""
+        folder = Path(folder)
+        config = TransformerConfig.from_json(folder / "config.json")
+        with torch.device("meta"):
+            model = cls(config=config)
+        load_component(
+            model, folder, stem="diffusion_pytorch_model", device=device, dtype=dtype, component="transformer"
+        )
+        return model.eval()
