@@ -53,7 +53,7 @@ class VAEConfig:
     """The keys of diffusers' ``vae/config.json`` for ``AutoencoderKLQwenImage``.
 
     ``temperal_downsample`` keeps diffusers' spelling so the JSON keys map one to one.
-    ``dropout`` is accepted and ignored: the module only runs inference.
+    ``dropout`` is accepted and ignored: the module only runs inference. ``attn_scales`` must be empty.
     """
 
     base_dim: int = 96
@@ -79,12 +79,12 @@ class VAEConfig:
                 raise ValueError(f"VAEConfig.{name} must be a positive integer, got {value!r}")
         if not self.dim_mult or not all(_is_int(m) and m >= 1 for m in self.dim_mult):
             raise ValueError(f"VAEConfig.dim_mult must be non-empty positive integers, got {self.dim_mult!r}")
-        if not all(_is_number(s) for s in self.attn_scales):
-            raise ValueError(f"VAEConfig.attn_scales must be numbers, got {self.attn_scales!r}")
+        if self.attn_scales:
+            # The reference builds encoder attention blocks for these scales but its encoder then calls
+            # them with cache arguments they do not take (TypeError): no checkpoint can use them.
+            raise ValueError(f"VAEConfig.attn_scales must be empty, got {self.attn_scales!r}")
         if not all(isinstance(t, bool) for t in self.temperal_downsample):
-            raise ValueError(
-                f"VAEConfig.temperal_downsample must be booleans, got {self.temperal_downsample!r}"
-            )
+            raise ValueError(f"VAEConfig.temperal_downsample must be booleans, got {self.temperal_downsample!r}")
         if len(self.temperal_downsample) != len(self.dim_mult) - 1:
             raise ValueError(
                 f"VAEConfig.temperal_downsample has {len(self.temperal_downsample)} entries; "
@@ -123,9 +123,7 @@ class CausalConv3d(nn.Module):
     With the causal zero padding in front, one frame only meets the kernel's last temporal slice.
     """
 
-    def __init__(
-        self, in_channels: int, out_channels: int, kernel: tuple[int, int, int], padding: int
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel: tuple[int, int, int], padding: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *kernel))
         self.bias = nn.Parameter(torch.empty(out_channels))
@@ -164,9 +162,7 @@ class ResidualBlock(nn.Module):
         self.conv1 = _conv3x3(in_dim, out_dim)
         self.norm2 = RMSNorm(out_dim, 4)
         self.conv2 = _conv3x3(out_dim, out_dim)
-        self.conv_shortcut = (
-            CausalConv3d(in_dim, out_dim, (1, 1, 1), padding=0) if in_dim != out_dim else None
-        )
+        self.conv_shortcut = CausalConv3d(in_dim, out_dim, (1, 1, 1), padding=0) if in_dim != out_dim else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
@@ -243,16 +239,12 @@ class Encoder(nn.Module):
         dims = [config.base_dim * m for m in (1, *config.dim_mult)]
         self.conv_in = _conv3x3(config.input_channels, dims[0])
         blocks: list[nn.Module] = []
-        scale = 1.0
         for stage, (in_dim, out_dim) in enumerate(pairwise(dims)):
             for _ in range(config.num_res_blocks):
                 blocks.append(ResidualBlock(in_dim, out_dim))
-                if scale in config.attn_scales:
-                    blocks.append(AttentionBlock(out_dim))
                 in_dim = out_dim
             if stage < len(config.temperal_downsample):
                 blocks.append(Downsample(out_dim, config.temperal_downsample[stage]))
-                scale /= 2.0
         self.down_blocks = nn.ModuleList(blocks)
         self.mid_block = MidBlock(dims[-1])
         self.norm_out = RMSNorm(dims[-1], 4)
@@ -326,9 +318,7 @@ class RGBAVAE(nn.Module):
         config = VAEConfig.from_json(folder / "config.json")
         with torch.device("meta"):
             model = cls(config=config)
-        load_component(
-            model, folder, stem="diffusion_pytorch_model", device=device, dtype=dtype, component="vae"
-        )
+        load_component(model, folder, stem="diffusion_pytorch_model", device=device, dtype=dtype, component="vae")
         return model.eval()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -337,9 +327,7 @@ class RGBAVAE(nn.Module):
 
     def _check_frames(self, x: torch.Tensor, channels: int, what: str) -> None:
         if x.ndim != 4 or x.shape[1] != channels:
-            raise ValueError(
-                f"{what} expects single frames [B, {channels}, H, W], got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"{what} expects single frames [B, {channels}, H, W], got shape {tuple(x.shape)}")
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -377,9 +365,7 @@ class RGBAVAE(nn.Module):
     def _latent_stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """latents_mean and latents_std as float32 tensors cast to z's dtype, shaped to broadcast on dim 1."""
         if z.ndim < 2 or z.shape[1] != self.config.z_dim:
-            raise ValueError(
-                f"latents need {self.config.z_dim} channels on dim 1, got shape {tuple(z.shape)}"
-            )
+            raise ValueError(f"latents need {self.config.z_dim} channels on dim 1, got shape {tuple(z.shape)}")
         shape = (1, self.config.z_dim) + (1,) * (z.ndim - 2)
         mean = torch.tensor(self.config.latents_mean, dtype=torch.float32).view(shape).to(z.device, z.dtype)
         std = torch.tensor(self.config.latents_std, dtype=torch.float32).view(shape).to(z.device, z.dtype)
