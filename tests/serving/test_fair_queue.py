@@ -1,0 +1,52 @@
+"""Admission order of the waiting queue: bound, priority, weighted fair share, removal."""
+
+import pytest
+
+from vllm_layered.serving.engine.scheduler import FairQueue, QueueFullError
+
+
+def test_bound_is_enforced_and_nothing_is_half_added():
+    q = FairQueue(max_size=2)
+    q.push("a", tenant="t", cost=1)
+    q.push("b", tenant="t", cost=1)
+    with pytest.raises(QueueFullError, match="full"):
+        q.push("c", tenant="t", cost=1)
+    assert len(q) == 2 and "c" not in q
+    assert [q.pop(), q.pop()] == ["a", "b"]
+
+
+def test_flooding_tenant_does_not_starve_another():
+    q = FairQueue(max_size=100)
+    for i in range(50):
+        q.push(f"flood{i}", tenant="flood", cost=10)
+    for _ in range(3):  # the flood is being served
+        q.pop()
+    q.push("polite", tenant="polite", cost=10)
+    order = q.ordered()
+    assert order.index("polite") <= 1  # goes ahead of the flood's backlog
+
+
+def test_weights_share_admissions_proportionally():
+    q = FairQueue(max_size=1000, weights={"gold": 3.0, "free": 1.0})
+    for i in range(100):
+        q.push(("gold", i), tenant="gold", cost=1)
+        q.push(("free", i), tenant="free", cost=1)
+    first = [q.pop()[0] for _ in range(40)]
+    assert first.count("gold") == 30 and first.count("free") == 10
+
+
+def test_priority_goes_first_and_fifo_within_a_tenant():
+    q = FairQueue(max_size=10)
+    q.push("low1", tenant="t", cost=1)
+    q.push("low2", tenant="t", cost=1)
+    q.push("urgent", tenant="u", cost=100, priority=5)
+    assert q.ordered() == ["urgent", "low1", "low2"]
+
+
+def test_remove_and_peek_skip_removed_entries():
+    q = FairQueue(max_size=10)
+    for name in "abc":
+        q.push(name, tenant="t", cost=1)
+    assert q.remove("a") and not q.remove("a")
+    assert q.peek() == "b" and len(q) == 2
+    assert q.ordered() == ["b", "c"]
