@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from vllm_layered.kernels.adaln import (
+    gated_residual,
+    gated_residual_ref,
+    layernorm_modulate,
+    layernorm_modulate_ref,
+)
+from vllm_layered.kernels.triton_utils import HAS_TRITON
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def make_inputs(n, c, num_segments, dtype, device):
+    """x with an offset (LayerNorm must remove it), the six [S, C] chunks of one modulation output
+    (row-strided views, as the transformer gets them) and unsorted segment ids covering every segment."""
+    x = (torch.randn(n, c) * 2 + 0.7).to(dtype).to(device)
+    mod = (torch.randn(num_segments, 6 * c) * 0.5).to(dtype).to(device)
+    chunks = mod.chunk(6, dim=-1)
+    seg = torch.cat([torch.arange(num_segments), torch.randint(0, num_segments, (n - num_segments,))])
+    seg = seg[torch.randperm(n)].to(torch.int32).to(device)
+    return x, chunks, seg
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, c, num_segments", [(37, 48, 3), (9, 96, 1), (64, 200, 5)])
+def test_layernorm_modulate(n, c, num_segments, dtype, device, check_close):
+    x, (shift, scale, *_), seg = make_inputs(n, c, num_segments, dtype, device)
+    out = torch.full_like(x, float("nan"))
+    assert layernorm_modulate(x, shift, scale, seg, eps=1e-6, out=out) is out
+    check_close(out, layernorm_modulate_ref(x, shift, scale, seg, eps=1e-6))
+    check_close(layernorm_modulate(x, shift, scale, seg.long()), layernorm_modulate_ref(x, shift, scale, seg))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, c, num_segments", [(37, 48, 3), (64, 200, 5)])
+def test_gated_residual(n, c, num_segments, dtype, device, check_close):
+    x, (*_, gate), seg = make_inputs(n, c, num_segments, dtype, device)
+    y = torch.randn(n, c).to(dtype).to(device)
+    expected = gated_residual_ref(x, y, gate, seg, inplace=False)
+
+    out = torch.full_like(x, float("nan"))
+    assert gated_residual(x, y, gate, seg, inplace=False, out=out) is out
+    check_close(out, expected)
+
+    x_before = x.clone()
+    assert gated_residual(x, y, gate, seg) is x  # in place by default
+    check_close(x, expected)
+    assert not torch.equal(x, x_before)
+
+
+@needs_triton
+def test_gated_residual_strided_rows(device, check_close):
+    """x and y as column slices of wider buffers (row stride != C) are read and written in place."""
+    n, c = 21, 40
+    x_buf = torch.randn(n, 2 * c, device=device)
+    x, y = x_buf[:, :c], torch.randn(n, 3 * c, device=device)[:, c:2 * c]
+    _, (*_, gate), seg = make_inputs(n, c, 2, torch.float32, device)
+    expected = gated_residual_ref(x, y, gate, seg, inplace=False)
+    untouched = x_buf[:, c:].clone()
+    gated_residual(x, y, gate, seg)
+    check_close(x, expected)
+    assert torch.equal(x_buf[:, c:], untouched)
+
+
+def test_reference_rounding_is_eager_bf16():
+    """The reference computes in the activation dtype, exactly like the transformer's eager path."""
+    x, (shift, scale, *_), seg = make_inputs(11, 32, 2, torch.bfloat16, "cpu")
+    normed = torch.nn.functional.layer_norm(x, (32,), eps=1e-6)
+    expected = normed * (1 + scale[seg.long()]) + shift[seg.long()]
+    assert torch.equal(layernorm_modulate_ref(x, shift, scale, seg), expected)
+
+
+@needs_triton
+def test_bad_inputs_raise_value_error(device):
+    x, (shift, scale, *_, gate), seg = make_inputs(10, 16, 2, torch.float32, device)
+    with pytest.raises(ValueError, match="x must be"):
+        layernorm_modulate(x[None], shift, scale, seg)
+    with pytest.raises(ValueError, match="scale must be"):
+        layernorm_modulate(x, shift, scale[:, :8], seg)
+    with pytest.raises(ValueError, match="same number of segments"):
+        layernorm_modulate(x, shift, scale[:1], seg)
+    with pytest.raises(ValueError, match="dtype"):
+        layernorm_modulate(x, shift.double(), scale, seg)
+    with pytest.raises(ValueError, match="seg must be"):
+        layernorm_modulate(x, shift, scale, seg.float())
+    with pytest.raises(ValueError, match="y must be"):
+        gated_residual(x, x[:3], gate, seg)
+    with pytest.raises(ValueError, match="not both"):
+        gated_residual(x, x, gate, seg, inplace=True, out=torch.empty_like(x))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_real_shapes_gpu(dtype, check_close):
+    n, c = 2 * 9600, 3072  # image rows of 640 px / 4 layers, cond + uncond
+    x, (shift, scale, gate, *_), seg = make_inputs(n, c, 2, dtype, "cuda")
+    check_close(layernorm_modulate(x, shift, scale, seg), layernorm_modulate_ref(x, shift, scale, seg))
+    y = torch.randn_like(x)
+    check_close(gated_residual(x, y, gate, seg, inplace=False), gated_residual_ref(x, y, gate, seg, inplace=False))

@@ -1,0 +1,215 @@
+"""AdaLN for packed batches: LayerNorm (no affine) + per-sequence modulation, and the gated residual.
+
+Rows of one stream ([N, C]) belong to different sequences (requests x CFG branch, at different
+timesteps); `seg[i]` picks row i's shift/scale/gate out of [S, C] tables. One program per row.
+
+Rounding follows the eager path in the activation dtype (F.layer_norm, then x * (1 + scale) + shift;
+x + gate * y): statistics and arithmetic are fp32 in the kernel, every intermediate the eager path
+materialises is rounded to the activation dtype at the same place.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from vllm_layered.kernels.triton_utils import require_triton, row_settings, tl, triton
+
+__all__ = ["gated_residual", "gated_residual_ref", "layernorm_modulate", "layernorm_modulate_ref"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+@triton.jit
+def _layernorm_modulate_kernel(
+    X, SHIFT, SCALE, SEG, OUT,  #
+    stride_xn, stride_shift, stride_scale, stride_on,  #
+    n_cols, eps,  #
+    BLOCK_C: tl.constexpr,
+):
+    # x, out: [N, C]; shift, scale: [S, C]; seg: [N]. y = LN(x) * (1 + scale[seg]) + shift[seg]
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < n_cols
+    dtype = OUT.dtype.element_ty
+
+    x = tl.load(X + row * stride_xn + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / n_cols
+    centered = tl.where(mask, x - mean, 0.0)
+    rstd = tl.rsqrt(tl.sum(centered * centered, axis=0) / n_cols + eps)
+    normed = (centered * rstd).to(dtype).to(tl.float32)
+
+    seg = tl.load(SEG + row).to(tl.int64)
+    scale = tl.load(SCALE + seg * stride_scale + cols, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(SHIFT + seg * stride_shift + cols, mask=mask, other=0.0).to(tl.float32)
+    y = (normed * (1.0 + scale).to(dtype).to(tl.float32)).to(dtype).to(tl.float32) + shift
+    tl.store(OUT + row * stride_on + cols, y.to(dtype), mask=mask)
+
+
+@triton.jit
+def _gated_residual_kernel(
+    X, Y, GATE, SEG, OUT,  #
+    stride_xn, stride_yn, stride_gate, stride_on,  #
+    n_cols,  #
+    BLOCK_C: tl.constexpr,
+):
+    # x, y, out: [N, C]; gate: [S, C]; seg: [N]. out = x + gate[seg] * y (out may alias x)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < n_cols
+    dtype = OUT.dtype.element_ty
+
+    seg = tl.load(SEG + row).to(tl.int64)
+    gate = tl.load(GATE + seg * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + row * stride_xn + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Y + row * stride_yn + cols, mask=mask, other=0.0).to(tl.float32)
+    out = x + (gate * y).to(dtype).to(tl.float32)
+    tl.store(OUT + row * stride_on + cols, out.to(dtype), mask=mask)
+
+
+def _check_rows(name: str, t: torch.Tensor, n: int | None, c: int, dtype: torch.dtype) -> None:
+    if t.dim() != 2 or t.shape[1] != c or (n is not None and t.shape[0] != n):
+        rows = "N" if n is None else n
+        raise ValueError(f"{name} must be [{rows}, {c}], got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
+
+
+def _check_inputs(
+    x: torch.Tensor,
+    tables: dict[str, torch.Tensor],
+    seg: torch.Tensor,
+    others: dict[str, torch.Tensor | None],
+) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"x must be [N, C], got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    n, c = x.shape
+    for name, t in others.items():
+        if t is not None:
+            _check_rows(name, t, n, c, x.dtype)
+    num_segments = None
+    for name, t in tables.items():
+        _check_rows(name, t, None, c, x.dtype)
+        if num_segments is not None and t.shape[0] != num_segments:
+            raise ValueError(f"{', '.join(tables)} must have the same number of segments")
+        num_segments = t.shape[0]
+    if seg.shape != (n,) or seg.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"seg must be int32/int64 of shape ({n},), got {seg.dtype} {tuple(seg.shape)}")
+    tensors = [x, seg, *tables.values(), *(t for t in others.values() if t is not None)]
+    if any(t.device != x.device for t in tensors):
+        raise ValueError("all tensors must be on x's device")
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Row-strided views (shift/scale/gate chunks of one modulation output) are read in place."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def layernorm_modulate(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    seg: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """LayerNorm(x) without affine, then * (1 + scale[seg]) + shift[seg]; x: [N, C], shift/scale: [S, C].
+
+    seg values must lie in [0, S); they are not checked on the device.
+    """
+    require_triton("layernorm_modulate")
+    _check_inputs(x, {"shift": shift, "scale": scale}, seg, {"out": out})
+    n, c = x.shape
+    x, shift, scale = (_last_dim_contiguous(t) for t in (x, shift, scale))
+    seg = seg.contiguous()
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    elif out.stride(-1) != 1:
+        raise ValueError("out must be contiguous over C")
+    if n == 0:
+        return out
+    block_c, num_warps = row_settings(c)
+    _layernorm_modulate_kernel[(n,)](
+        x, shift, scale, seg, out,  #
+        x.stride(0), shift.stride(0), scale.stride(0), out.stride(0),  #
+        c, eps,  #
+        BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return out
+
+
+def layernorm_modulate_ref(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    seg: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Eager version of `layernorm_modulate`, in x.dtype as diffusers computes it."""
+    _check_inputs(x, {"shift": shift, "scale": scale}, seg, {"out": out})
+    seg = seg.long()
+    y = F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale[seg]) + shift[seg]
+    return y if out is None else out.copy_(y)
+
+
+def gated_residual(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    seg: torch.Tensor,
+    *,
+    inplace: bool = True,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x + gate[seg] * y; x, y: [N, C], gate: [S, C]. Writes into x when inplace (the default), else
+    into out (or a new tensor)."""
+    require_triton("gated_residual")
+    _check_inputs(x, {"gate": gate}, seg, {"y": y, "out": out})
+    if inplace and out is not None:
+        raise ValueError("pass either inplace=True or out, not both")
+    n, c = x.shape
+    if inplace:
+        if x.stride(-1) != 1:
+            raise ValueError("inplace needs x contiguous over C")
+        out = x
+    else:
+        x = _last_dim_contiguous(x)
+        if out is None:
+            out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        elif out.stride(-1) != 1:
+            raise ValueError("out must be contiguous over C")
+    y, gate = _last_dim_contiguous(y), _last_dim_contiguous(gate)
+    seg = seg.contiguous()
+    if n == 0:
+        return out
+    block_c, num_warps = row_settings(c)
+    _gated_residual_kernel[(n,)](
+        x, y, gate, seg, out,  #
+        x.stride(0), y.stride(0), gate.stride(0), out.stride(0),  #
+        c,  #
+        BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return out
+
+
+def gated_residual_ref(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    seg: torch.Tensor,
+    *,
+    inplace: bool = True,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Eager version of `gated_residual`, in x.dtype."""
+    _check_inputs(x, {"gate": gate}, seg, {"y": y, "out": out})
+    if inplace and out is not None:
+        raise ValueError("pass either inplace=True or out, not both")
+    update = gate[seg.long()] * y
+    if inplace:
+        return x.add_(update)
+    return torch.add(x, update, out=out)

@@ -1,0 +1,74 @@
+"""Triton import guard and launch heuristics shared by the kernel modules.
+
+Triton is an optional dependency (the `kernels` extra). Without it the kernel modules still import, so
+the PyTorch references beside every kernel stay usable; calling a Triton wrapper then raises
+RuntimeError. The placeholders follow vLLM's `triton_utils`: decorators become no-ops and any
+`tl.<name>` used in an annotation resolves to None.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where Triton is absent
+    HAS_TRITON = False
+
+    class _TritonPlaceholder:
+        @staticmethod
+        def jit(fn=None, **kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+        @staticmethod
+        def autotune(*args, **kwargs):
+            return lambda f: f
+
+        @staticmethod
+        def Config(kwargs, num_warps=4, num_stages=3, **extra):
+            return SimpleNamespace(kwargs=kwargs, num_warps=num_warps, num_stages=num_stages)
+
+    class _LanguagePlaceholder:
+        def __getattr__(self, name: str) -> None:
+            return None
+
+    triton = _TritonPlaceholder()
+    tl = _LanguagePlaceholder()
+
+__all__ = ["HAS_TRITON", "interpreting", "next_power_of_2", "require_triton", "row_settings", "tl", "triton"]
+
+
+def require_triton(op: str) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError(f"{op} needs Triton, which is not installed; use {op}_ref instead")
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def row_settings(n: int) -> tuple[int, int]:
+    """BLOCK size and num_warps for a kernel that holds one row of `n` elements in registers.
+
+    The same thresholds as Liger-Kernel's `calculate_settings`: about 16-32 elements per thread.
+    """
+    block = next_power_of_2(n)
+    if block > 65536:
+        raise ValueError(f"a row of {n} elements does not fit one program (max 65536)")
+    num_warps = 4
+    if block >= 32768:
+        num_warps = 32
+    elif block >= 8192:
+        num_warps = 16
+    elif block >= 2048:
+        num_warps = 8
+    return block, num_warps
