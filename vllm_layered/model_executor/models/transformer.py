@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vllm_layered.kernels import adaln, qk_norm_rope
+from vllm_layered.kernels.attention import attention
+from vllm_layered.kernels.triton_utils import HAS_TRITON
 from vllm_layered.model_executor.forward_batch import ForwardBatch, PackedMetadata
-from vllm_layered.model_executor.rope import apply_rope_ref
 from vllm_layered.model_executor.weight_loader import install_weights, load_component
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Triton kernels on CUDA; their PyTorch references (same math) elsewhere or when disabled."""
+    return x.is_cuda and HAS_TRITON and os.environ.get("VLLM_LAYERED_TRITON", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -115,44 +123,39 @@ class JointAttention(nn.Module):
         self.norm_added_k = RMSNorm(head_dim, config.eps)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.to_add_out = nn.Linear(dim, dim)
+        self.backend = "auto"  # attention backend, see vllm_layered.kernels.attention
 
     def forward(
         self, img: torch.Tensor, txt: torch.Tensor, meta: PackedMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # q, k, v: [S_total, H, D] joint buffers, each sequence's rows ordered [text, image]
         heads = (-1, self.num_heads, self.head_dim)
         shape = (meta.total_tokens, self.num_heads, self.head_dim)
-        q = img.new_empty(shape)
-        k = img.new_empty(shape)
-        v = img.new_empty(shape)
+        q, k, v = (img.new_empty(shape) for _ in range(3))
+        norm_rope = qk_norm_rope.qk_norm_rope if use_triton(img) else qk_norm_rope.qk_norm_rope_ref
         for rows, x, (proj_q, proj_k, proj_v), (norm_q, norm_k), (cos, sin) in (
             (meta.img_rows, img, (self.to_q, self.to_k, self.to_v), (self.norm_q, self.norm_k),
              (meta.img_cos, meta.img_sin)),
             (meta.txt_rows, txt, (self.add_q_proj, self.add_k_proj, self.add_v_proj),
              (self.norm_added_q, self.norm_added_k), (meta.txt_cos, meta.txt_sin)),
         ):
-            q[rows] = apply_rope_ref(norm_q(proj_q(x).view(heads)), cos, sin)
-            k[rows] = apply_rope_ref(norm_k(proj_k(x).view(heads)), cos, sin)
-            v[rows] = proj_v(x).view(heads)
-        out = packed_attention(q, k, v, meta).flatten(1)
+            norm_rope(proj_q(x).view(heads), norm_q.weight, cos, sin, eps=norm_q.eps, out=q, out_rows=rows)
+            norm_rope(proj_k(x).view(heads), norm_k.weight, cos, sin, eps=norm_k.eps, out=k, out_rows=rows)
+            v.index_copy_(0, rows, proj_v(x).view(heads))
+        out = attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, backend=self.backend).flatten(1)
         return self.to_out[0](out[meta.img_rows]), self.to_add_out(out[meta.txt_rows])
-
-
-def packed_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PackedMetadata
-) -> torch.Tensor:
-    """Block-diagonal attention over [S_total, H, D]: each sequence attends only to itself."""
-    out = torch.empty_like(q)
-    bounds = meta.cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        seq = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
-        out[start:end] = F.scaled_dot_product_attention(*seq)[0].transpose(0, 1)
-    return out
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
     """LayerNorm without affine, then per-sequence AdaLN: norm(x) * (1 + scale[seg]) + shift[seg]."""
-    x = F.layer_norm(x, x.shape[-1:], eps=1e-6)
-    return x * (1 + scale[seg]) + shift[seg]
+    fn = adaln.layernorm_modulate if use_triton(x) else adaln.layernorm_modulate_ref
+    return fn(x, shift, scale, seg)
+
+
+def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """x + gate[seg] * y, written into x."""
+    fn = adaln.gated_residual if use_triton(x) else adaln.gated_residual_ref
+    return fn(x, y, gate, seg)
 
 
 class DualStreamBlock(nn.Module):
@@ -169,17 +172,14 @@ class DualStreamBlock(nn.Module):
         self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, meta: PackedMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # [S, 6C] -> shift1, scale1, gate1, shift2, scale2, gate2, each [S, C]
-        img_mod = self.img_mod(temb).chunk(6, dim=-1)
-        txt_mod = self.txt_mod(temb).chunk(6, dim=-1)
-        img_attn, txt_attn = self.attn(
-            modulate(img, img_mod[0], img_mod[1], meta.img_seg),
-            modulate(txt, txt_mod[0], txt_mod[1], meta.txt_seg),
-            meta,
-        )
-        img = img + img_mod[2][meta.img_seg] * img_attn
-        txt = txt + txt_mod[2][meta.txt_seg] * txt_attn
-        img = img + img_mod[5][meta.img_seg] * self.img_mlp(modulate(img, img_mod[3], img_mod[4], meta.img_seg))
-        txt = txt + txt_mod[5][meta.txt_seg] * self.txt_mlp(modulate(txt, txt_mod[3], txt_mod[4], meta.txt_seg))
+        im = self.img_mod(temb).chunk(6, dim=-1)
+        tm = self.txt_mod(temb).chunk(6, dim=-1)
+        si, st = meta.img_seg, meta.txt_seg
+        img_attn, txt_attn = self.attn(modulate(img, im[0], im[1], si), modulate(txt, tm[0], tm[1], st), meta)
+        img = gated_add(img, img_attn, im[2], si)
+        txt = gated_add(txt, txt_attn, tm[2], st)
+        img = gated_add(img, self.img_mlp(modulate(img, im[3], im[4], si)), im[5], si)
+        txt = gated_add(txt, self.txt_mlp(modulate(txt, tm[3], tm[4], st)), tm[5], st)
         return img, txt
 
 
