@@ -1,0 +1,158 @@
+"""The ``vllm-layered`` command line. Each subcommand lives in the module that implements it; this file
+only declares the arguments and dispatches."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _decompose(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from vllm_layered.model_executor.export import save_layers
+    from vllm_layered.model_executor.pipeline import LayeredPipeline
+    from vllm_layered.model_executor.tiny_checkpoint import default_model_path
+
+    model = args.model or default_model_path()
+    dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    pipe = LayeredPipeline.from_pretrained(model, device=args.device, dtype=dtype)
+    with tqdm(total=args.steps, desc="denoising", unit="step", disable=args.quiet) as bar:
+        result = pipe(
+            args.image,
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt if args.true_cfg_scale > 1 else None,
+            true_cfg_scale=args.true_cfg_scale,
+            cfg_normalize=not args.no_cfg_normalize,
+            layers=args.layers,
+            resolution=args.resolution,
+            num_inference_steps=args.steps,
+            seed=args.seed,
+            use_en_prompt=not args.chinese_caption,
+            callback=lambda step, total: bar.update(1),
+        )
+    written = save_layers(result.layers, args.out, args.format, composite=result.composite)
+    for path in written:
+        print(path)
+    return 0
+
+
+def _make_tiny_checkpoint(args: argparse.Namespace) -> int:
+    from vllm_layered.model_executor.tiny_checkpoint import make_tiny_checkpoint
+
+    print(make_tiny_checkpoint(args.dir, seed=args.seed, overwrite=args.overwrite))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from vllm_layered.serving.api_server import run_server
+
+    return run_server(args)
+
+
+def _hash_key(args: argparse.Namespace) -> int:
+    from vllm_layered.serving.tenants import hash_key
+
+    print(hash_key(args.key))
+    return 0
+
+
+def _client_decompose(args: argparse.Namespace) -> int:
+    from vllm_layered.clients.cli import decompose
+
+    return decompose(args)
+
+
+def _add_server_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible images API")
+    p.add_argument("--model", help="diffusers folder or Hugging Face repo id (default: the embedded tiny model)")
+    p.add_argument("--served-model-name", nargs="+", help="name(s) clients use for the model (default: --model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-keys", type=Path, help="JSON file of tenants and key hashes (default: open, no keys)")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
+    p.add_argument("--max-running", type=int, default=32, help="requests denoised together at most")
+    p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest request body")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest input image (width * height)")
+    p.add_argument("--max-n", type=int, default=4, help="most decompositions per request")
+    p.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is dropped")
+    p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to finish work on shutdown")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--no-access-log", action="store_true")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("hash-key", help="print the SHA-256 hash of an API key, for the --api-keys file")
+    p.add_argument("key")
+    p.set_defaults(func=_hash_key)
+
+    client = sub.add_parser("client", help="talk to a running server").add_subparsers(dest="client_command",
+                                                                                       required=True)
+    p = client.add_parser("decompose", help="split one image into RGBA layers on a server")
+    p.add_argument("image", type=Path)
+    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=os.environ.get("VLLM_LAYERED_API_KEY"),
+                   help="Bearer key (default: $VLLM_LAYERED_API_KEY)")
+    p.add_argument("--model", default=None, help="served model name (default: the server's)")
+    p.add_argument("--out", type=Path, default=Path("layers"), help="output folder")
+    p.add_argument("--format", default="png", choices=("png", "zip", "psd", "pptx"))
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--resolution", type=int, default=None, choices=(640, 1024))
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--prompt", default="", help="caption of the image (default: the server captions it)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=_client_decompose)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-layered", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("decompose", help="split one image into RGBA layers")
+    p.add_argument("image", help="input image file (any format Pillow reads)")
+    p.add_argument("--model", help="diffusers folder or Hugging Face repo id (default: the embedded tiny model)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--resolution", type=int, default=640, choices=(640, 1024))
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", default=None, help="caption of the image (default: auto-caption)")
+    p.add_argument("--negative-prompt", default=" ")
+    p.add_argument("--true-cfg-scale", type=float, default=4.0, help="1 turns classifier-free guidance off")
+    p.add_argument("--no-cfg-normalize", action="store_true")
+    p.add_argument("--chinese-caption", action="store_true", help="auto-caption with the Chinese instruction")
+    p.add_argument("--out", type=Path, default=Path("layers"), help="output folder (png) or file (zip/psd/pptx)")
+    p.add_argument("--format", default="png", choices=("png", "zip", "psd", "pptx"))
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_decompose)
+
+    p = sub.add_parser("make-tiny-checkpoint", help="write a random tiny model in the official folder layout")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_make_tiny_checkpoint)
+
+    _add_server_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""LayeredPipeline: the offline API. Image in, RGBA layers out (bottom first).
+
+Argument names mirror diffusers' QwenImageLayeredPipeline. Defaults follow the official app instead of
+the reference's silent ones: CFG on (negative_prompt " ", true_cfg_scale 4), cfg_normalize on, English
+auto-captions. Pass ``true_cfg_scale=1`` or ``negative_prompt=None`` to turn CFG off.
+
+Data flow: image -> bucket resize -> VAE encode (condition frame) ; prompt -> text encoder ;
+noise -> [transformer -> CFG -> Euler] x steps -> VAE decode each layer -> PIL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from vllm_layered.model_executor.denoise import DenoiseState, apply_velocity, build_forward_batch
+from vllm_layered.model_executor.image_processing import (
+    bucket_size,
+    composite_layers,
+    image_to_tensor,
+    load_image,
+    tensor_to_images,
+    validate_resolution,
+)
+from vllm_layered.model_executor.latents import pack_latents, unpack_latents
+from vllm_layered.model_executor.models.text_encoder import PromptEncoder
+from vllm_layered.model_executor.models.transformer import LayeredTransformer
+from vllm_layered.model_executor.models.vae import RGBAVAE
+from vllm_layered.model_executor.sampler import SchedulerConfig, layered_mu, sigma_schedule
+
+MAX_LAYERS = 20
+MAX_STEPS = 1000
+PIPELINE_CLASS = "QwenImageLayeredPipeline"
+
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass
+class LayeredOutput:
+    """One decomposition: ``layers`` are RGBA images, bottom first; ``prompt`` is the caption used."""
+
+    layers: list[Image.Image]
+    prompt: str
+
+    @property
+    def composite(self) -> Image.Image:
+        """The layers alpha-composited bottom first: what the stack looks like."""
+        return composite_layers(self.layers)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Validated per-request parameters (shared by the pipeline, the engine and the server)."""
+
+    layers: int = 4
+    resolution: int = 640
+    num_inference_steps: int = 50
+    true_cfg_scale: float = 4.0
+    cfg_normalize: bool = True
+    use_en_prompt: bool = True
+    max_sequence_length: int = 512
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.layers <= MAX_LAYERS:
+            raise ValueError(f"layers must be between 1 and {MAX_LAYERS}, got {self.layers}")
+        validate_resolution(self.resolution)
+        if not 1 <= self.num_inference_steps <= MAX_STEPS:
+            raise ValueError(f"num_inference_steps must be between 1 and {MAX_STEPS}, got {self.num_inference_steps}")
+        if self.true_cfg_scale < 0:
+            raise ValueError(f"true_cfg_scale must be >= 0, got {self.true_cfg_scale}")
+        if not 1 <= self.max_sequence_length <= 1024:
+            raise ValueError(f"max_sequence_length must be between 1 and 1024, got {self.max_sequence_length}")
+
+
+def resolve_model_path(path_or_id: str | os.PathLike) -> Path:
+    """A local diffusers folder as is; anything else is a Hugging Face repo id to download."""
+    path = Path(path_or_id)
+    if path.is_dir():
+        return path
+    if path.exists() or str(path_or_id).startswith((".", "/")):
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path_or_id)))
+    except Exception as exc:  # offline, unknown repo, auth: say which and why
+        raise FileNotFoundError(f"could not fetch model {path_or_id!r} from the Hugging Face hub: {exc}") from exc
+
+
+def default_device_dtype(
+    device: torch.device | str | None, dtype: torch.dtype | None
+) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+class LayeredPipeline:
+    def __init__(
+        self,
+        *,
+        transformer: LayeredTransformer,
+        vae: RGBAVAE,
+        prompt_encoder: PromptEncoder | None,
+        scheduler_config: SchedulerConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.transformer = transformer
+        self.vae = vae
+        self.prompt_encoder = prompt_encoder
+        self.scheduler_config = scheduler_config
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        load_text_encoder: bool = True,
+    ) -> LayeredPipeline:
+        """Load a diffusers-layout folder (or hub repo id). Without the text encoder, pass embeddings."""
+        root = resolve_model_path(path_or_id)
+        device, dtype = default_device_dtype(device, dtype)
+        index = json.loads((root / "model_index.json").read_text())
+        if index.get("_class_name") != PIPELINE_CLASS:
+            raise ValueError(f"{root} holds a {index.get('_class_name')!r}, not a {PIPELINE_CLASS}")
+        return cls(
+            transformer=LayeredTransformer.from_pretrained(root / "transformer", device=device, dtype=dtype),
+            vae=RGBAVAE.from_pretrained(root / "vae", device=device, dtype=dtype),
+            prompt_encoder=PromptEncoder.from_pretrained(root, device=device, dtype=dtype)
+            if load_text_encoder
+            else None,
+            scheduler_config=SchedulerConfig.from_json(root / "scheduler" / "scheduler_config.json"),
+            device=device,
+            dtype=dtype,
+        )
+
+    # -- preprocess ---------------------------------------------------------------------------------
+
+    def encode_condition(self, image: Image.Image, resolution: int) -> tuple[torch.Tensor, int, int]:
+        """Bucket-resize, VAE-encode and pack the input image: ([h*w, 64], h, w) in patches."""
+        width, height = bucket_size(image.width, image.height, resolution)
+        pixels = image_to_tensor(image, width, height).to(self.device, self.dtype)
+        z = self.vae.normalize_latents(self.vae.encode(pixels))
+        return pack_latents(z), height // 16, width // 16
+
+    def encode_text(self, prompts: list[str], max_sequence_length: int) -> list[torch.Tensor]:
+        if self.prompt_encoder is None:
+            raise ValueError("this pipeline was loaded without a text encoder: pass prompt_embeds")
+        return self.prompt_encoder.encode(prompts, max_sequence_length=max_sequence_length)
+
+    def caption(self, image: Image.Image, use_en_prompt: bool) -> str:
+        if self.prompt_encoder is None:
+            raise ValueError("an empty prompt needs the text encoder to caption the image")
+        return self.prompt_encoder.caption(image, use_en_prompt=use_en_prompt)
+
+    def encode_prompts(
+        self,
+        image: Image.Image,
+        prompt: str | None,
+        negative_prompt: str | None,
+        params: GenerationParams,
+        *,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+        """Prompt embeddings (auto-captioning an empty prompt), negative embeddings when CFG is on, and
+        the prompt used. CFG is on when true_cfg_scale > 1 and a negative prompt is given, as in the reference."""
+        do_cfg = params.true_cfg_scale > 1 and (negative_prompt is not None or negative_embeds is not None)
+        if prompt_embeds is None:
+            if not prompt or not prompt.strip():
+                prompt = self.caption(image, params.use_en_prompt)
+            prompt_embeds = self.encode_text([prompt], params.max_sequence_length)[0]
+        if do_cfg and negative_embeds is None:
+            negative_embeds = self.encode_text([negative_prompt], params.max_sequence_length)[0]
+        return prompt_embeds, negative_embeds if do_cfg else None, prompt or ""
+
+    def initial_noise(self, layers: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+        """Packed float32 noise for the composite + ``layers`` frames, drawn as the reference draws it."""
+        shape = (layers + 1, 16, height * 2, width * 2)
+        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+        return pack_latents(noise).to(self.device)
+
+    def prepare(
+        self,
+        image: Image.Image,
+        params: GenerationParams,
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor | None,
+        *,
+        generator: torch.Generator,
+        latents: torch.Tensor | None = None,
+    ) -> DenoiseState:
+        """Everything a request needs before its first step: condition latents, schedule, noise."""
+        condition, h, w = self.encode_condition(image, params.resolution)
+        if latents is None:
+            latents = self.initial_noise(params.layers, h, w, generator)
+        return DenoiseState(
+            layers=params.layers,
+            height=h,
+            width=w,
+            latents=latents.to(self.device, torch.float32),
+            condition_tokens=condition,
+            prompt_embeds=prompt_embeds.to(self.device, self.dtype),
+            negative_embeds=None if negative_embeds is None else negative_embeds.to(self.device, self.dtype),
+            sigmas=sigma_schedule(self.scheduler_config, params.num_inference_steps, layered_mu(h * w)),
+            true_cfg_scale=params.true_cfg_scale,
+            cfg_normalize=params.cfg_normalize,
+        )
+
+    def denoise_step(self, states: list[DenoiseState]) -> None:
+        """One packed transformer forward over all ``states``, then each takes its own sampler step."""
+        apply_velocity(states, self.transformer(build_forward_batch(states, self.dtype)))
+
+    # -- decode -------------------------------------------------------------------------------------
+
+    def decode(self, state: DenoiseState) -> list[Image.Image]:
+        """VAE-decode the layer frames of a finished request (the composite frame 0 is dropped)."""
+        z = unpack_latents(state.latents, state.layers + 1, state.height, state.width)[1:]
+        z = self.vae.denormalize_latents(z.to(self.dtype))
+        return tensor_to_images(self.vae.decode(z))
+
+    # -- the offline call ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: Image.Image | bytes | str | os.PathLike | Sequence[Image.Image | bytes | str | os.PathLike],
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = " ",
+        true_cfg_scale: float = 4.0,
+        cfg_normalize: bool = True,
+        layers: int = 4,
+        resolution: int = 640,
+        num_inference_steps: int = 50,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds_mask: torch.Tensor | None = None,
+        use_en_prompt: bool = True,
+        max_sequence_length: int = 512,
+        callback: StepCallback | None = None,
+    ) -> LayeredOutput | list[LayeredOutput]:
+        """Decompose one image (-> LayeredOutput) or a list of images (-> a list, one per image).
+
+        ``latents`` ([B, noisy_tokens, 64] or [noisy_tokens, 64]) and the embeddings ([B, L, H] with
+        an optional [B, L] mask) replace the drawn noise and the text encoder, as in diffusers.
+        ``callback(step, num_steps)`` is called after every denoising step.
+        """
+        params = GenerationParams(
+            layers=layers,
+            resolution=resolution,
+            num_inference_steps=num_inference_steps,
+            true_cfg_scale=true_cfg_scale,
+            cfg_normalize=cfg_normalize,
+            use_en_prompt=use_en_prompt,
+            max_sequence_length=max_sequence_length,
+        )
+        single = not isinstance(image, (list, tuple))
+        images = [load_image(x) for x in ([image] if single else image)]
+        batch = len(images)
+        prompts = _per_image(prompt, batch, "prompt")
+        negatives = _per_image(negative_prompt, batch, "negative_prompt")
+        cond_embeds = _split_embeds(prompt_embeds, prompt_embeds_mask, batch, max_sequence_length)
+        neg_embeds = _split_embeds(negative_prompt_embeds, negative_prompt_embeds_mask, batch, max_sequence_length)
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(seed if seed is not None else torch.seed())
+        states = []
+        for i, im in enumerate(images):
+            cond, neg, prompts[i] = self.encode_prompts(
+                im, prompts[i], negatives[i], params, prompt_embeds=cond_embeds[i], negative_embeds=neg_embeds[i]
+            )
+            initial = None if latents is None else (latents if latents.dim() == 2 else latents[i])
+            states.append(self.prepare(im, params, cond, neg, generator=generator, latents=initial))
+        for step in range(params.num_inference_steps):
+            self.denoise_step(states)
+            if callback is not None:
+                callback(step + 1, params.num_inference_steps)
+        outputs = [LayeredOutput(layers=self.decode(s), prompt=p) for s, p in zip(states, prompts)]
+        return outputs[0] if single else outputs
+
+
+def _per_image(value: str | Sequence[str] | None, batch: int, name: str) -> list[str | None]:
+    if value is None or isinstance(value, str):
+        return [value] * batch
+    if len(value) != batch:
+        raise ValueError(f"{name} has {len(value)} entries for {batch} images")
+    return list(value)
+
+
+def _split_embeds(
+    embeds: torch.Tensor | None, mask: torch.Tensor | None, batch: int, max_len: int
+) -> list[torch.Tensor | None]:
+    """[B, L, H] embeddings (+ [B, L] mask) -> one unpadded [L_i, H] tensor per image (None: not given)."""
+    if embeds is None:
+        return [None] * batch
+    if embeds.dim() == 2:
+        embeds = embeds[None]
+    if embeds.shape[0] != batch:
+        raise ValueError(f"prompt embeddings have batch {embeds.shape[0]} for {batch} images")
+    embeds = embeds[:, :max_len]
+    if mask is None:
+        return list(embeds)
+    mask = mask[:, :max_len].bool()
+    return [e[m] for e, m in zip(embeds, mask)]
