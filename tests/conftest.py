@@ -10,7 +10,6 @@ import torch
 
 from vllm_layered.model_executor.tiny_checkpoint import make_tiny_checkpoint
 
-
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # one core per xdist worker: oversubscribed threads make CPU tests slower
 

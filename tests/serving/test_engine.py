@@ -1,0 +1,235 @@
+"""The step-level batching engine on the tiny model (CPU, float32)."""
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vllm_layered.model_executor.pipeline import GenerationParams, LayeredPipeline
+from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig
+from vllm_layered.serving.engine.observer import EngineObserver
+from vllm_layered.serving.engine.request import (
+    DeadlineExceededError,
+    EngineOverloadedError,
+    LayeredRequest,
+    RequestCancelledError,
+)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_checkpoint):
+    return LayeredPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32)
+
+
+def image(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 4), dtype=np.uint8), "RGBA")
+
+
+def request(rid: str, *, layers=1, steps=2, cfg=False, size=(64, 64), seed=0, **kwargs) -> LayeredRequest:
+    return LayeredRequest(
+        request_id=rid,
+        image=image(*size, seed=seed),
+        params=GenerationParams(layers=layers, num_inference_steps=steps, true_cfg_scale=4.0 if cfg else 1.0),
+        prompt="a cat",
+        negative_prompt=" " if cfg else None,
+        seed=seed,
+        **kwargs,
+    )
+
+
+class Recorder(EngineObserver):
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.steps: list[int] = []
+        self.finished: list[str] = []
+
+    def on_request_started(self, tenant, queue_time_s):
+        self.started.append(tenant)
+
+    def on_step(self, step_time_s, num_requests, num_tokens):
+        self.steps.append(num_requests)
+
+    def on_request_finished(self, tenant, outcome, e2e_time_s, layers, num_steps):
+        self.finished.append(outcome)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=300))
+
+
+async def started_engine(pipeline, observer=None, **config) -> AsyncLayeredEngine:
+    engine = AsyncLayeredEngine(pipeline, EngineConfig(**config), observer=observer)
+    await engine.start()
+    return engine
+
+
+async def wait_for(handle, kind: str):
+    async for event in handle.stream():
+        if event.kind == kind:
+            return event
+    raise AssertionError(f"no {kind!r} event")
+
+
+@torch.no_grad()
+def test_packing_changes_nothing_in_the_denoise_step(pipeline):
+    """A request's latents are the same alone or packed with other layer counts, sizes, steps and CFG."""
+    def states():
+        specs = [
+            (request("a", layers=2, steps=2, cfg=True, size=(64, 64), seed=1), 1),
+            (request("b", layers=1, steps=1, cfg=False, size=(96, 48), seed=2), 2),
+            (request("c", layers=1, steps=3, cfg=True, size=(48, 80), seed=3), 3),
+        ]
+        out = []
+        for req, seed in specs:
+            cond, neg, _ = pipeline.encode_prompts(req.image, req.prompt, req.negative_prompt, req.params)
+            gen = torch.Generator().manual_seed(seed)
+            out.append(pipeline.prepare(req.image, req.params, cond, neg, generator=gen))
+        return out
+
+    alone = states()
+    for state in alone:
+        while not state.done:
+            pipeline.denoise_step([state])
+    packed = states()
+    while not all(s.done for s in packed):
+        pipeline.denoise_step([s for s in packed if not s.done])
+    for a, p in zip(alone, packed):
+        assert ((a.latents - p.latents).norm() / a.latents.norm()).item() < 1e-5
+
+
+def test_request_alone_equals_request_among_others(pipeline):
+    async def scenario():
+        engine = await started_engine(pipeline)
+        alone = await engine.submit(request("solo", layers=2, steps=3, seed=5)).result()
+        handles = [
+            engine.submit(request("x", layers=1, steps=2, cfg=True, size=(80, 48), seed=6)),
+            engine.submit(request("mixed", layers=2, steps=3, seed=5)),
+            engine.submit(request("y", layers=3, steps=4, size=(48, 96), seed=7)),
+        ]
+        outputs = [await h.result() for h in handles]
+        await engine.shutdown(1)
+        return alone, outputs
+
+    alone, outputs = run(scenario())
+    mixed = outputs[1]
+    assert [len(o.layers) for o in outputs] == [1, 2, 3]
+    for a, b in zip(alone.layers, mixed.layers):
+        diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
+        assert diff.max() <= 1
+    assert set(alone.timings) == {"queue_s", "preprocess_s", "denoise_s", "decode_s", "total_s"}
+
+
+def test_requests_share_steps(pipeline):
+    recorder = Recorder()
+
+    async def scenario():
+        engine = await started_engine(pipeline, recorder)
+        handles = [engine.submit(request(f"r{i}", steps=20, seed=i)) for i in range(3)]
+        for h in handles:
+            await h.result()
+        await engine.shutdown(1)
+
+    run(scenario())
+    assert max(recorder.steps) >= 2  # at least one forward held several requests
+    assert sum(recorder.steps) == 3 * 20
+
+
+def test_queue_bound_rejects_cleanly(pipeline):
+    async def scenario():
+        engine = await started_engine(pipeline, max_waiting=1, max_running=1)
+        first = engine.submit(request("first", steps=6))
+        await wait_for(first, "step")
+        second = engine.submit(request("second", steps=1))
+        with pytest.raises(EngineOverloadedError, match="full"):
+            engine.submit(request("third", steps=1))
+        assert engine.num_waiting == 1
+        await first.result()
+        await second.result()
+        await engine.shutdown(1)
+
+    run(scenario())
+
+
+def test_cancel_mid_denoise_frees_the_request(pipeline):
+    recorder = Recorder()
+
+    async def scenario():
+        engine = await started_engine(pipeline, recorder)
+        handle = engine.submit(request("long", steps=200))
+        event = await wait_for(handle, "step")
+        assert 1 <= event.step < 200
+        assert handle.cancel()
+        with pytest.raises(RequestCancelledError):
+            await handle.result()
+        assert engine.num_running == 0 and not engine._requests
+        after = await engine.submit(request("after", steps=1)).result()  # the engine keeps serving
+        await engine.shutdown(1)
+        return after
+
+    assert len(run(scenario()).layers) == 1
+    assert recorder.finished == ["cancelled", "success"]
+
+
+def test_flooding_tenant_does_not_starve_another(pipeline):
+    recorder = Recorder()
+
+    async def scenario():
+        engine = await started_engine(pipeline, recorder, max_running=1)
+        flood = [engine.submit(request(f"f{i}", steps=1, tenant="flood")) for i in range(5)]
+        polite = engine.submit(request("p", steps=1, tenant="polite"))
+        await polite.result()
+        for h in flood:
+            await h.result()
+        await engine.shutdown(1)
+
+    run(scenario())
+    assert recorder.started.index("polite") <= 2
+
+
+def test_deadline_expiry_in_queue_and_while_running(pipeline):
+    async def scenario():
+        engine = await started_engine(pipeline, max_running=1)
+        runner = engine.submit(request("runner", steps=200, deadline=time.monotonic() + 3))
+        await wait_for(runner, "step")
+        queued = engine.submit(request("queued", steps=1, deadline=time.monotonic() + 0.2))
+        with pytest.raises(DeadlineExceededError):
+            await queued.result()
+        with pytest.raises(DeadlineExceededError):
+            await runner.result()
+        await engine.shutdown(1)
+
+    run(scenario())
+
+
+def test_shutdown_stops_admitting_and_cancels_leftovers(pipeline):
+    async def scenario():
+        engine = await started_engine(pipeline)
+        assert engine.is_healthy()
+        long = engine.submit(request("long", steps=500))
+        await wait_for(long, "step")
+        await engine.shutdown(grace_period_s=0.2)
+        with pytest.raises(RequestCancelledError):
+            await long.result()
+        with pytest.raises(EngineOverloadedError, match="shutting down"):
+            engine.submit(request("late", steps=1))
+        assert not engine.is_healthy()
+
+    run(scenario())
+
+
+def test_failed_preprocessing_fails_only_that_request(pipeline):
+    async def scenario():
+        engine = await started_engine(pipeline)
+        bad = request("bad", steps=1)
+        bad.image = image(8, 600, seed=0)  # 1:75 aspect ratio, refused by the bucket rule
+        with pytest.raises(ValueError, match="(?i)aspect"):
+            engine.submit(bad)
+        good = await engine.submit(request("good", steps=1)).result()
+        await engine.shutdown(1)
+        return good
+
+    assert len(run(scenario()).layers) == 1
