@@ -10,7 +10,6 @@ Qwen2.5-VL saved by transformers, with a byte-level BPE tokenizer trained here.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -21,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
+
+from vllm_layered.model_executor.random_weights import random_weights
 
 DIFFUSERS_VERSION = "0.36.0"
 TEXT_HIDDEN_SIZE = 64  # the text model's hidden size = the transformer's joint_attention_dim
@@ -239,33 +240,8 @@ def _meta_module(component: str, config_path: Path) -> nn.Module:
 
 
 def _random_tensors(module: nn.Module, seed: int, component: str, *, buffers: bool = True) -> dict[str, torch.Tensor]:
-    """One deterministic fp32 tensor per parameter (and buffer, if ``buffers``) of ``module``.
-
-    Each tensor is drawn from its own generator seeded by (seed, component, name), so values do not
-    depend on the order in which a module declares its parameters. Matrices and conv kernels are
-    randn/sqrt(fan_in), biases 0.02*randn, norm scales 1 + 0.1*randn, embedding tables randn.
-    """
-    embedding_weights = {f"{name}.weight" for name, m in module.named_modules() if isinstance(m, nn.Embedding)}
-    named = dict(module.named_parameters())
-    if buffers:
-        named.update(module.named_buffers())
-    return {
-        name: _random_tensor(name, tuple(t.shape), f"{seed}:{component}:{name}", name in embedding_weights)
-        for name, t in sorted(named.items())
-    }
-
-
-def _random_tensor(name: str, shape: tuple[int, ...], key: str, is_embedding: bool) -> torch.Tensor:
-    digest = hashlib.sha256(key.encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-    if is_embedding:
-        return noise
-    if name.endswith("bias"):
-        return 0.02 * noise
-    if all(d == 1 for d in shape[1:]):  # a per-channel scale, e.g. an RMSNorm weight or a VAE gamma
-        return 1.0 + 0.1 * noise
-    return noise / math.sqrt(math.prod(shape[1:]))
+    """One deterministic fp32 tensor per parameter (and buffer, if ``buffers``) of ``module``."""
+    return dict(random_weights(module, seed=seed, component=component, buffers=buffers))
 
 
 def _save_sharded(tensors: dict[str, torch.Tensor], folder: Path, stem: str, *, num_shards: int) -> None:
