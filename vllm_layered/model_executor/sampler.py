@@ -58,7 +58,7 @@ def sigma_schedule(config: SchedulerConfig, num_steps: int, mu: float) -> torch.
         sigmas = m / (m + (1 / sigmas - 1))
     else:
         sigmas = config.shift * sigmas / (1 + (config.shift - 1) * sigmas)
-    if config.shift_terminal:
+    if config.shift_terminal and num_steps > 1:  # a single step (sigma 1) has nothing to stretch
         one_minus = 1 - sigmas
         sigmas = 1 - one_minus / (one_minus[-1] / (1 - config.shift_terminal))
     sigmas = torch.from_numpy(np.asarray(sigmas)).to(torch.float32)
