@@ -63,6 +63,39 @@ def set_backend(model, backend: str) -> None:
         block.attn.backend = backend
 
 
+def bench_shape(shape: str, ours, ref, gen, gemm: float, args, rows: list) -> dict:
+    res, layers = (int(x) for x in shape.split("x"))
+    side = res // 16
+    layouts = [SequenceLayout(COND_TEXT, layers, side, side), SequenceLayout(UNCOND_TEXT, layers, side, side)]
+    batch = inputs(layouts, gen)
+    flops = forward_flops([s.total_tokens for s in layouts])
+    entry = {"shape": shape, "tokens": [s.total_tokens for s in layouts], "tflop": flops / 1e12, "ms": {}}
+
+    def report(name: str, ms: float) -> None:
+        entry["ms"][name] = ms
+        tflops = flops / ms / 1e9
+        rows.append((shape, name, ms, tflops, 100 * tflops / gemm))
+        print(f"{shape:8s} {name:22s} {ms:9.1f} ms {tflops:6.0f} TFLOP/s {100 * tflops / gemm:5.1f}%", flush=True)
+
+    with torch.no_grad():
+        reference = None
+        if ref is not None:
+            reference = diffusers_step(ref, batch)
+            report("diffusers (2 fwd)", bench_ms(lambda: diffusers_step(ref, batch), repeat=args.repeat))
+        for backend in args.backends.split(","):
+            set_backend(ours, backend)
+            try:
+                out = ours(batch)
+                if reference is not None:
+                    err = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
+                    entry.setdefault("rel_err_vs_diffusers", {})[backend] = err
+                report(f"ours packed [{backend}]", bench_ms(lambda: ours(batch), repeat=args.repeat))
+            except Exception as exc:  # one backend failing must not hide the others
+                print(f"{shape} {backend}: FAILED {type(exc).__name__}: {exc}", flush=True)
+                entry["ms"][f"ours packed [{backend}]"] = f"failed: {exc}"
+    return entry
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shapes", default="640x4,640x2,640x8,1024x4", help="resolution x layers, comma separated")
@@ -82,37 +115,7 @@ def main() -> None:
     rows, results = [], {"gemm_tflops": gemm, "device": torch.cuda.get_device_name(), "shapes": []}
 
     for shape in args.shapes.split(","):
-        res, layers = (int(x) for x in shape.split("x"))
-        side = res // 16
-        layouts = [SequenceLayout(COND_TEXT, layers, side, side), SequenceLayout(UNCOND_TEXT, layers, side, side)]
-        batch = inputs(layouts, gen)
-        flops = forward_flops([s.total_tokens for s in layouts])
-        entry = {"shape": shape, "tokens": [s.total_tokens for s in layouts], "tflop": flops / 1e12, "ms": {}}
-
-        def report(name: str, ms: float) -> None:
-            entry["ms"][name] = ms
-            tflops = flops / ms / 1e9
-            rows.append((shape, name, ms, tflops, 100 * tflops / gemm))
-            print(f"{shape:8s} {name:22s} {ms:9.1f} ms {tflops:6.0f} TFLOP/s {100 * tflops / gemm:5.1f}%", flush=True)
-
-        with torch.no_grad():
-            reference = None
-            if ref is not None:
-                reference = diffusers_step(ref, batch)
-                report("diffusers (2 fwd)", bench_ms(lambda: diffusers_step(ref, batch), repeat=args.repeat))
-            for backend in args.backends.split(","):
-                set_backend(ours, backend)
-                try:
-                    out = ours(batch)
-                    if reference is not None:
-                        err = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
-                        entry.setdefault("rel_err_vs_diffusers", {})[backend] = err
-                    report(f"ours packed [{backend}]", bench_ms(lambda: ours(batch), repeat=args.repeat))
-                except Exception as exc:  # one backend failing must not hide the others
-                    print(f"{shape} {backend}: FAILED {type(exc).__name__}: {exc}", flush=True)
-                    entry["ms"][f"ours packed [{backend}]"] = f"failed: {exc}"
-        results["shapes"].append(entry)
-        del batch
+        results["shapes"].append(bench_shape(shape, ours, ref, gen, gemm, args, rows))
         torch.cuda.empty_cache()
 
     write_results("forward.json", results)

@@ -51,6 +51,15 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+def run_request(pipe: LayeredPipeline, image: Image.Image, params: GenerationParams, steps: int):
+    """Each stage of one request, timed: (seconds per stage, (cond embeds, neg embeds, layers))."""
+    (cond, neg, _), text_s = timed(lambda: pipe.encode_prompts(image, CAPTION, " ", params))
+    state, prep_s = timed(lambda: pipe.prepare(image, params, cond, neg, generator=torch.Generator().manual_seed(0)))
+    _, denoise_s = timed(lambda: [pipe.denoise_step([state]) for _ in range(steps)])
+    layers, decode_s = timed(lambda: pipe.decode(state))
+    return (text_s, prep_s, denoise_s, decode_s), (cond, neg, layers)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=1)
@@ -66,17 +75,13 @@ def main() -> None:
     with torch.no_grad():
         for _ in range(2):  # the second round is the measured one (the first pays one-time costs)
             torch.cuda.reset_peak_memory_stats()
-            (cond, neg, _), text_s = timed(lambda: pipe.encode_prompts(image, CAPTION, " ", params))
-            state, prep_s = timed(lambda: pipe.prepare(image, params, cond, neg,
-                                                       generator=torch.Generator().manual_seed(0)))
-            _, denoise_s = timed(lambda: [pipe.denoise_step([state]) for _ in range(args.steps)])
-            layers, decode_s = timed(lambda: pipe.decode(state))
+            stage_s, (cond, neg, layers) = run_request(pipe, image, params, args.steps)
     peak = torch.cuda.max_memory_allocated() / 1e9
     reserved = torch.cuda.max_memory_reserved() / 1e9
     results = dict(
         device=torch.cuda.get_device_name(), build_s=build_s, weights_gb=weights_gb, peak_allocated_gb=peak,
-        peak_reserved_gb=reserved, text_tokens=[cond.shape[0], neg.shape[0]], text_encode_s=text_s,
-        vae_encode_s=prep_s, denoise_step_s=denoise_s / args.steps, vae_decode_s=decode_s,
+        peak_reserved_gb=reserved, text_tokens=[cond.shape[0], neg.shape[0]], text_encode_s=stage_s[0],
+        vae_encode_s=stage_s[1], denoise_step_s=stage_s[2] / args.steps, vae_decode_s=stage_s[3],
         layers=len(layers), resolution=args.resolution,
     )
     write_results("pipeline_step.json", results)

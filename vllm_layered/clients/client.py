@@ -1,0 +1,289 @@
+"""Thin clients of a vllm-layered (or vLLM-Omni) server: image in, Layers out.
+
+Requests go through the official openai SDK (``images.edit`` with the layer fields in
+``extra_body``); with ``on_progress`` they go through httpx instead, to read the server-sent
+progress events. Imports only openai, httpx, pillow and numpy.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import httpx
+import openai
+from PIL import Image
+
+from vllm_layered.clients.layers import Layers
+
+ImageInput = str | os.PathLike | bytes | Image.Image | BinaryIO
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT_S = 3600.0
+
+
+class LayeredAPIError(Exception):
+    """The server refused or failed a request; fields from its OpenAI-style error body."""
+
+    def __init__(self, status_code: int, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(f"{status_code}: {message}")
+        self.status_code = status_code
+        self.message = message
+        self.code = code
+        self.param = param
+
+    @classmethod
+    def from_body(cls, status_code: int, body: Any) -> LayeredAPIError:
+        """From the error body, or from its inner "error" object (what the openai SDK keeps)."""
+        error = body.get("error", body) if isinstance(body, dict) else None
+        if not isinstance(error, dict):
+            return cls(status_code, str(body))
+        return cls(status_code, str(error.get("message")), error.get("code"), error.get("param"))
+
+
+@dataclass(frozen=True)
+class Progress:
+    """stage: queued (queue_position), started, step (step of num_steps), decoding."""
+
+    stage: str
+    decomposition_index: int = 0
+    step: int | None = None
+    num_steps: int | None = None
+    queue_position: int | None = None
+
+
+def _v1(base_url: str) -> str:
+    base_url = base_url.rstrip("/")
+    return base_url if base_url.endswith("/v1") else base_url + "/v1"
+
+
+def _image_file(image: ImageInput) -> tuple[str, bytes, str]:
+    """(file name, bytes, content type) for the multipart upload; the server sniffs the real format."""
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return "image.png", buffer.getvalue(), "image/png"
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        return path.name, path.read_bytes(), "application/octet-stream"
+    if isinstance(image, (bytes, bytearray)):
+        return "image", bytes(image), "application/octet-stream"
+    return Path(getattr(image, "name", "image")).name, image.read(), "application/octet-stream"
+
+
+def _prepare(model: str | None, request_id: str | None, steps: int | None, **options: Any) -> tuple[dict, dict]:
+    """(request fields that were given, headers); None means the server's default."""
+    fields = {k: v for k, v in dict(options, num_inference_steps=steps, model=model).items() if v is not None}
+    return fields, ({"X-Request-Id": request_id} if request_id else {})
+
+
+def _edit_kwargs(image: ImageInput, prompt: str, fields: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
+    """Arguments of the openai SDK's images.edit: the layer fields ride in extra_body."""
+    fields = dict(fields)
+    model = fields.pop("model", None)
+    kwargs = dict(image=_image_file(image), prompt=prompt, response_format="b64_json", extra_body=fields,
+                  extra_headers=headers)
+    return {**kwargs, "model": model} if model else kwargs
+
+
+def _form(prompt: str, fields: dict[str, Any]) -> dict[str, str]:
+    """Fields as multipart strings, booleans as true/false."""
+    as_text = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in fields.items()}
+    return {"prompt": prompt, **as_text, "stream": "true"}
+
+
+class _SSEDecoder:
+    """Server-sent events from text lines: feed lines, get (event, data) at each blank line."""
+
+    def __init__(self) -> None:
+        self._event, self._data = "message", []
+
+    def feed(self, line: str) -> tuple[str, Any] | None:
+        if line.startswith("event:"):
+            self._event = line[6:].strip()
+        elif line.startswith("data:"):
+            self._data.append(line[5:].lstrip())
+        elif not line and self._data:
+            event, data = self._event, json.loads("\n".join(self._data))
+            self._event, self._data = "message", []
+            return event, data
+        return None
+
+
+def _handle_event(event: str, data: Any, on_progress: Callable[[Progress], Any]) -> tuple[bool, Any]:
+    """(is_final, what on_progress returned or the final body); raises the error event."""
+    if event == "progress":
+        fields = {k: data.get(k) for k in ("step", "num_steps", "queue_position")}
+        progress = Progress(data["stage"], data.get("decomposition_index", 0), **fields)
+        return False, on_progress(progress)
+    if event == "error":
+        raise LayeredAPIError.from_body(data.get("status", 500), data)
+    return event == "result", data
+
+
+class LayeredClient:
+    """Blocking client. ``decompose`` returns the layers of one image, bottom first."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        api_key: str | None = None,
+        *,
+        model: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        self.model = model
+        self._openai = openai.OpenAI(base_url=_v1(base_url), api_key=api_key or "none", timeout=timeout, max_retries=0)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=_v1(base_url), headers=headers, timeout=timeout)
+
+    def decompose(
+        self,
+        image: ImageInput,
+        *,
+        prompt: str = "",
+        layers: int | None = None,
+        resolution: int | None = None,
+        steps: int | None = None,
+        seed: int | None = None,
+        negative_prompt: str | None = None,
+        true_cfg_scale: float | None = None,
+        cfg_normalize: bool | None = None,
+        use_en_prompt: bool | None = None,
+        request_id: str | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> Layers:
+        """An empty prompt lets the server caption the image. ``on_progress`` gets each Progress."""
+        fields, headers = _prepare(
+            self.model, request_id, steps, layers=layers, resolution=resolution, seed=seed,
+            negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, cfg_normalize=cfg_normalize,
+            use_en_prompt=use_en_prompt,
+        )
+        if on_progress is not None:
+            return Layers.from_response(self._stream(image, prompt, fields, headers, on_progress))
+        try:
+            response = self._openai.images.edit(**_edit_kwargs(image, prompt, fields, headers))
+        except openai.APIStatusError as e:
+            raise LayeredAPIError.from_body(e.status_code, e.body if isinstance(e.body, dict) else {}) from None
+        return Layers.from_response(response.model_dump())
+
+    def _stream(self, image, prompt, fields, headers, on_progress) -> dict[str, Any]:
+        files = {"image": _image_file(image)}
+        with self._http.stream("POST", "/images/edits", data=_form(prompt, fields), files=files,
+                               headers=headers) as response:
+            if response.status_code != 200:
+                raise LayeredAPIError.from_body(response.status_code, json.loads(response.read() or b"{}"))
+            return _read_events(response.iter_lines(), on_progress)
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel one of your requests in flight; False if there is none by that id."""
+        response = self._http.delete(f"/requests/{request_id}")
+        return response.status_code == 200
+
+    def models(self) -> list[str]:
+        return [m.id for m in self._openai.models.list().data]
+
+    def close(self) -> None:
+        self._http.close()
+        self._openai.close()
+
+    def __enter__(self) -> LayeredClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _read_events(lines: Iterable[str], on_progress: Callable[[Progress], Any]) -> dict[str, Any]:
+    decoder = _SSEDecoder()
+    for line in lines:
+        if (item := decoder.feed(line)) is not None:
+            final, value = _handle_event(*item, on_progress)
+            if final:
+                return value
+    raise LayeredAPIError(502, "the event stream ended without a result")
+
+
+class AsyncLayeredClient:
+    """The asyncio twin of LayeredClient; ``on_progress`` may be a coroutine function."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        api_key: str | None = None,
+        *,
+        model: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        self.model = model
+        self._openai = openai.AsyncOpenAI(
+            base_url=_v1(base_url), api_key=api_key or "none", timeout=timeout, max_retries=0
+        )
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(base_url=_v1(base_url), headers=headers, timeout=timeout)
+
+    async def decompose(
+        self,
+        image: ImageInput,
+        *,
+        prompt: str = "",
+        layers: int | None = None,
+        resolution: int | None = None,
+        steps: int | None = None,
+        seed: int | None = None,
+        negative_prompt: str | None = None,
+        true_cfg_scale: float | None = None,
+        cfg_normalize: bool | None = None,
+        use_en_prompt: bool | None = None,
+        request_id: str | None = None,
+        on_progress: Callable[[Progress], Awaitable[None] | None] | None = None,
+    ) -> Layers:
+        fields, headers = _prepare(
+            self.model, request_id, steps, layers=layers, resolution=resolution, seed=seed,
+            negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, cfg_normalize=cfg_normalize,
+            use_en_prompt=use_en_prompt,
+        )
+        if on_progress is not None:
+            return Layers.from_response(await self._stream(image, prompt, fields, headers, on_progress))
+        try:
+            response = await self._openai.images.edit(**_edit_kwargs(image, prompt, fields, headers))
+        except openai.APIStatusError as e:
+            raise LayeredAPIError.from_body(e.status_code, e.body if isinstance(e.body, dict) else {}) from None
+        return Layers.from_response(response.model_dump())
+
+    async def _stream(self, image, prompt, fields, headers, on_progress) -> dict[str, Any]:
+        files = {"image": _image_file(image)}
+        decoder = _SSEDecoder()
+        async with self._http.stream("POST", "/images/edits", data=_form(prompt, fields), files=files,
+                                     headers=headers) as response:
+            if response.status_code != 200:
+                raise LayeredAPIError.from_body(response.status_code, json.loads(await response.aread() or b"{}"))
+            async for line in response.aiter_lines():
+                if (item := decoder.feed(line)) is not None:
+                    final, value = _handle_event(*item, on_progress)
+                    if final:
+                        return value
+                    if isinstance(value, Awaitable):
+                        await value
+        raise LayeredAPIError(502, "the event stream ended without a result")
+
+    async def cancel(self, request_id: str) -> bool:
+        response = await self._http.delete(f"/requests/{request_id}")
+        return response.status_code == 200
+
+    async def models(self) -> list[str]:
+        return [m.id for m in (await self._openai.models.list()).data]
+
+    async def close(self) -> None:
+        await self._http.aclose()
+        await self._openai.close()
+
+    async def __aenter__(self) -> AsyncLayeredClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,129 @@
+"""The layers a server returned (RGBA, bottom first) and ways to save them.
+
+Needs only pillow; PSD and PPTX saving import psd-tools / python-pptx when called.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import io
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+_EMU_PER_INCH = 914_400
+_SLIDE_LONG_SIDE_EMU = 12_192_000  # PowerPoint's widescreen width, 13.333 in
+_BLANK_SLIDE_LAYOUT = 6
+
+
+@dataclass
+class Layers:
+    """One decomposition: ``images`` are RGBA, bottom (background) first."""
+
+    images: list[Image.Image]
+    prompt: str | None = None
+    seed: int | None = None
+    request_id: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        return self.images[index]
+
+    def __iter__(self) -> Iterator[Image.Image]:
+        return iter(self.images)
+
+    @classmethod
+    def from_response(cls, body: dict[str, Any], decomposition_index: int = 0) -> Layers:
+        """The layers of one decomposition of an images response body (per-layer entries, not a package)."""
+        entries = [e for e in body["data"] if e.get("decomposition_index", 0) == decomposition_index]
+        if not entries:
+            raise ValueError(f"the response has no decomposition {decomposition_index}")
+        if any("layer_index" not in e for e in entries):
+            raise ValueError("the response holds a package, not per-layer images")
+        entries.sort(key=lambda e: e["layer_index"])
+        images = [Image.open(io.BytesIO(base64.b64decode(e["b64_json"]))).convert("RGBA") for e in entries]
+        first = entries[0]
+        return cls(images, prompt=first.get("revised_prompt"), seed=first.get("seed"), request_id=body.get("id"))
+
+    def composite(self) -> Image.Image:
+        """What the stack looks like: the layers alpha-composited bottom first."""
+        result = self.images[0].copy()
+        for layer in self.images[1:]:
+            result.alpha_composite(layer)
+        return result
+
+    def save_pngs(self, folder: str | Path) -> list[Path]:
+        """layer_00.png (bottom) ... and composite.png in ``folder`` (created if needed)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for name, image in self._named():
+            paths.append(folder / name)
+            image.save(paths[-1], format="PNG")
+        return paths
+
+    def save_zip(self, path: str | Path) -> Path:
+        """The same files as save_pngs, in one zip."""
+        path = Path(path)
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+            for name, image in self._named():
+                archive.writestr(name, _png(image))
+        return path
+
+    def save_psd(self, path: str | Path) -> Path:
+        """A layered Photoshop file, one pixel layer per image, bottom first (needs psd-tools)."""
+        psd_tools = _optional("psd_tools", "PSD")
+        pixel_layer = _optional("psd_tools.api.layers", "PSD").PixelLayer
+        document = psd_tools.PSDImage.frompil(self.composite())
+        for index, image in enumerate(self.images):
+            layer = pixel_layer.frompil(image, document, _layer_name(index, len(self)))
+            if not any(existing is layer for existing in document):  # older psd-tools do not append
+                document.append(layer)
+        document.save(str(path))
+        return Path(path)
+
+    def save_pptx(self, path: str | Path) -> Path:
+        """One slide with the layers as full-slide pictures, bottom first (needs python-pptx)."""
+        pptx = _optional("pptx", "PPTX")
+        width, height = self.images[0].size
+        presentation = pptx.Presentation()
+        scale = max(_SLIDE_LONG_SIDE_EMU / max(width, height), _EMU_PER_INCH / min(width, height))
+        presentation.slide_width, presentation.slide_height = round(width * scale), round(height * scale)
+        slide = presentation.slides.add_slide(presentation.slide_layouts[_BLANK_SLIDE_LAYOUT])
+        for index, image in enumerate(self.images):
+            picture = slide.shapes.add_picture(
+                io.BytesIO(_png(image)), 0, 0, presentation.slide_width, presentation.slide_height
+            )
+            picture.name = _layer_name(index, len(self))
+        presentation.save(str(path))
+        return Path(path)
+
+    def _named(self) -> list[tuple[str, Image.Image]]:
+        named = [(f"layer_{i:02d}.png", image) for i, image in enumerate(self.images)]
+        return named + [("composite.png", self.composite())]
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _layer_name(index: int, count: int) -> str:
+    suffix = " (bottom)" if index == 0 else " (top)" if index == count - 1 else ""
+    return f"Layer {index}{suffix}"
+
+
+def _optional(module: str, what: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        package = {"psd_tools": "psd-tools", "pptx": "python-pptx"}[module.split(".")[0]]
+        raise ImportError(f"saving {what} needs {package}: pip install {package}") from e

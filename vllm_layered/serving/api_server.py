@@ -1,0 +1,580 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over an AsyncLayeredEngine.
+
+- POST /v1/images/edits         multipart (OpenAI's and vLLM-Omni's fields): image -> RGBA layers
+- POST /v1/images/generations   JSON, EXPERIMENTAL: text -> layers (the condition image is a fully
+                                transparent canvas of the requested aspect ratio; the released
+                                weights are tuned for image -> layers)
+- DELETE /v1/requests/{id}      cancel one of the caller's own requests (id: the X-Request-Id the
+                                client sent, or the one in the first SSE event / response header)
+- GET /v1/models, GET /health (503 when the engine loop is dead or stuck), GET /metrics, GET /docs
+
+Responses hold one ``data`` entry per layer, bottom first (``layer_order: bottom_to_top``), each
+with ``layer_index`` and ``role``; n > 1 gives n decompositions (seeds seed..seed+n-1), their
+entries one after the other, marked by ``decomposition_index``. ``package=zip|psd|pptx`` returns
+one entry per decomposition holding the whole file. ``stream=true`` answers with server-sent
+events: ``progress`` (queued with queue_position, started, step i of n, decoding), then one
+``result`` (the response body) or ``error`` (the error body) event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import math
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from PIL import Image
+from pydantic import BaseModel, ValidationError
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from vllm_layered.model_executor.image_processing import RESOLUTIONS, InvalidImageError, bucket_size, load_image
+from vllm_layered.model_executor.pipeline import MAX_LAYERS, GenerationParams
+from vllm_layered.serving.engine.request import (
+    DeadlineExceededError,
+    EngineOverloadedError,
+    LayeredRequest,
+    ProgressEvent,
+    RequestCancelledError,
+    RequestOutput,
+)
+from vllm_layered.serving.jobs import DecompositionJob, DuplicateRequestError, JobRegistry
+from vllm_layered.serving.limits import ServerLimits
+from vllm_layered.serving.metrics import UNAUTHENTICATED, ServingMetrics
+from vllm_layered.serving.protocol import (
+    MAX_SEED,
+    APIError,
+    CancelResponse,
+    ErrorResponse,
+    ImageEditForm,
+    ImageGenerationRequest,
+    ImagesResponse,
+    LayeredOptions,
+    ModelCard,
+    ModelList,
+    ProgressData,
+    validation_error,
+)
+from vllm_layered.serving.results import build_images_response
+from vllm_layered.serving.sse import HEADERS as SSE_HEADERS
+from vllm_layered.serving.sse import HEARTBEAT, sse_event
+from vllm_layered.serving.tenants import (
+    Admission,
+    AdmissionControl,
+    AdmissionError,
+    AuthenticationError,
+    Tenant,
+    TenantRegistry,
+)
+from vllm_layered.serving.uploads import ClientGone, read_form, read_json, wait_for_disconnect
+
+if TYPE_CHECKING:
+    from vllm_layered.serving.engine.engine import AsyncLayeredEngine
+
+OVERLOAD_RETRY_AFTER_S = 1
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_PACKAGE_MODULES = {"psd": "psd_tools", "pptx": "pptx"}
+_REJECTION_REASONS = {401: "unauthorized", 404: "model_not_found", 409: "conflict", 413: "too_large", 503: "overloaded"}
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in [
+        (400, "Invalid request (error.param names the field)"),
+        (401, "Missing or invalid API key"),
+        (404, "Unknown model"),
+        (413, "Upload or image too large"),
+        (429, "Tenant over its rate or concurrency limit (see Retry-After)"),
+        (503, "Engine overloaded or shutting down (see Retry-After)"),
+    ]
+}
+
+
+class _Exchange:
+    """One image request's bookkeeping: its concurrency slot, its job, the status metric it ends with."""
+
+    def __init__(self, api: LayeredAPI, tenant: Tenant, endpoint: str, request_id: str, admission: Admission) -> None:
+        self.api, self.tenant, self.endpoint, self.request_id = api, tenant, endpoint, request_id
+        self.job: DecompositionJob | None = None
+        self._admission = admission
+        self._ended = False
+        api.metrics.api_in_progress.labels(tenant.name).inc()
+
+    def end(self, status: int) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._admission.release()
+        if self.job is not None:
+            self.api.jobs.finish(self.job)
+            if status != 200:
+                self.job.abort()
+        self.api.metrics.api_in_progress.labels(self.tenant.name).dec()
+        self.api.metrics.record_api_request(self.tenant.name, self.endpoint, status)
+
+
+class LayeredAPI:
+    """The request handling behind the routes; ``build_app`` wires it into FastAPI."""
+
+    def __init__(
+        self,
+        engine: AsyncLayeredEngine,
+        *,
+        tenants: TenantRegistry,
+        limits: ServerLimits,
+        metrics: ServingMetrics,
+        served_model_names: Sequence[str] = (),
+    ) -> None:
+        self.engine = engine
+        self.tenants = tenants
+        self.limits = limits
+        self.metrics = metrics
+        self.model_names = list(dict.fromkeys([*served_model_names, engine.model_name]))
+        self.admission = AdmissionControl()
+        self.jobs = JobRegistry()
+        self.created = int(time.time())
+
+    # -- callers --------------------------------------------------------------------------------
+
+    def authenticate(self, request: Request) -> Tenant:
+        try:
+            return self.tenants.authenticate(request.headers.get("authorization"))
+        except AuthenticationError as e:
+            self.metrics.record_rejection(UNAUTHENTICATED, "unauthorized")
+            raise APIError(401, str(e), code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}) from None
+
+    # -- image requests -------------------------------------------------------------------------
+
+    async def images(self, request: Request, endpoint: str) -> Response:
+        """The shared path of edits and generations: admit, read, validate, submit, answer."""
+        try:
+            tenant = self.authenticate(request)
+        except APIError:
+            self.metrics.record_api_request(UNAUTHENTICATED, endpoint, 401)
+            raise
+        try:
+            request_id = self._request_id(request)
+            admission = self.admission.admit(tenant)
+        except (APIError, AdmissionError) as e:
+            error = _admission_error(e) if isinstance(e, AdmissionError) else e
+            self._rejected(tenant, endpoint, error)
+            raise error from None
+        exchange = _Exchange(self, tenant, endpoint, request_id, admission)
+        try:
+            read = self._read_edit if endpoint == "edits" else self._read_generation
+            options, params, image, prompt = await read(request)
+            exchange.job = self._submit(tenant, request_id, options, params, image, prompt)
+        except ClientGone:
+            exchange.end(499)
+            return Response(status_code=499)
+        except APIError as e:
+            self.metrics.record_rejection(tenant.name, _rejection_reason(e))
+            exchange.end(e.status_code)
+            raise
+        except BaseException:
+            exchange.end(500)
+            raise
+        reply = _Reply(self, exchange, options, experimental=endpoint == "generations")
+        headers = {"X-Request-Id": request_id}
+        if options.stream:
+            return StreamingResponse(
+                reply.events(),
+                media_type="text/event-stream",
+                headers={**SSE_HEADERS, **headers},
+                background=BackgroundTask(exchange.end, 499),
+            )
+        return await reply.json(request, headers)
+
+    def _rejected(self, tenant: Tenant, endpoint: str, error: APIError) -> None:
+        self.metrics.record_rejection(tenant.name, _rejection_reason(error))
+        self.metrics.record_api_request(tenant.name, endpoint, error.status_code)
+
+    @staticmethod
+    def _request_id(request: Request) -> str:
+        given = request.headers.get("x-request-id")
+        if given is None:
+            return f"layers-{secrets.token_hex(12)}"
+        if not _REQUEST_ID.match(given):
+            raise APIError(400, "X-Request-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -", code="bad_request_id")
+        return given
+
+    async def _read_edit(self, request: Request) -> tuple[LayeredOptions, GenerationParams, Image.Image, str | None]:
+        fields, data = await read_form(request, self.limits)
+        options = _validate(ImageEditForm, fields)
+        params = self._params(options)
+        image = await asyncio.to_thread(self._decode, data, params.resolution)
+        return options, params, image, options.prompt.strip() or None
+
+    async def _read_generation(
+        self, request: Request
+    ) -> tuple[LayeredOptions, GenerationParams, Image.Image, str | None]:
+        body = await read_json(request, self.limits)
+        if not isinstance(body, dict):
+            raise APIError(400, "request body must be a JSON object", code="bad_body")
+        options = _validate(ImageGenerationRequest, body)
+        params = self._params(options)
+        width, height = options.size_pixels() or (params.resolution, params.resolution)
+        try:  # the canvas only carries the aspect ratio: make it at its bucket size
+            canvas_size = bucket_size(width, height, params.resolution)
+        except InvalidImageError as e:
+            raise APIError(400, str(e), code=e.code, param="size") from None
+        return options, params, Image.new("RGBA", canvas_size, (0, 0, 0, 0)), options.prompt
+
+    def _params(self, options: LayeredOptions) -> GenerationParams:
+        """Model and request-level checks, then GenerationParams (which validates the model's ranges)."""
+        if options.model and options.model not in self.model_names:
+            raise APIError(
+                404, f"model {options.model!r} is not served here; try {self.model_names[0]!r}",
+                code="model_not_found", param="model",
+            )
+        if options.n > self.limits.max_n:
+            raise APIError(
+                400, f"n must be between 1 and {self.limits.max_n}, got {options.n}", code="invalid_value", param="n"
+            )
+        if options.package in _PACKAGE_MODULES and importlib.util.find_spec(_PACKAGE_MODULES[options.package]) is None:
+            raise APIError(
+                400, f"package={options.package} needs {_PACKAGE_MODULES[options.package]} on the server",
+                code="unsupported_package", param="package",
+            )
+        resolution = options.resolution
+        if resolution is None and options.size_pixels() is not None:
+            width, height = options.size_pixels()
+            resolution = min(RESOLUTIONS, key=lambda r: abs(r - math.sqrt(width * height)))
+        kwargs = dict(
+            layers=options.layers,
+            resolution=resolution or RESOLUTIONS[0],
+            num_inference_steps=options.num_inference_steps,
+            cfg_normalize=options.cfg_normalize,
+            use_en_prompt=options.use_en_prompt,
+        )
+        if options.cfg_scale is not None:
+            kwargs["true_cfg_scale"] = options.cfg_scale
+        try:
+            return GenerationParams(**kwargs)
+        except ValueError as e:
+            name = str(e).split(" ", 1)[0]
+            raise APIError(400, str(e), code="invalid_value", param=name if name in kwargs else None) from None
+
+    def _decode(self, data: bytes, resolution: int) -> Image.Image:
+        try:
+            image = load_image(data, max_pixels=self.limits.max_pixels)
+            bucket_size(image.width, image.height, resolution)
+        except InvalidImageError as e:
+            status = 413 if e.code == "too_many_pixels" else 400
+            raise APIError(status, str(e), code=e.code, param="image") from None
+        return image
+
+    def _submit(
+        self,
+        tenant: Tenant,
+        request_id: str,
+        options: LayeredOptions,
+        params: GenerationParams,
+        image: Image.Image,
+        prompt: str | None,
+    ) -> DecompositionJob:
+        base_seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
+        if base_seed + options.n - 1 > MAX_SEED:
+            raise APIError(400, f"seed + n - 1 must be at most {MAX_SEED}", param="seed")
+        deadline = None if self.limits.request_timeout_s is None else time.monotonic() + self.limits.request_timeout_s
+        requests = [
+            LayeredRequest(
+                request_id=f"{tenant.name}/{request_id}/{i}",
+                image=image,
+                params=params,
+                prompt=prompt,
+                negative_prompt=options.negative_prompt or " ",
+                seed=base_seed + i,
+                tenant=tenant.name,
+                priority=tenant.priority,
+                deadline=deadline,
+            )
+            for i in range(options.n)
+        ]
+        try:
+            return self.jobs.start(self.engine, request_id, requests)
+        except DuplicateRequestError as e:
+            raise APIError(409, str(e), code="duplicate_request_id") from None
+        except EngineOverloadedError as e:
+            raise _overloaded(e) from None
+        except ValueError as e:
+            raise APIError(400, str(e), code="invalid_value") from None
+
+    # -- other routes ---------------------------------------------------------------------------
+
+    def cancel(self, request: Request, request_id: str) -> CancelResponse:
+        tenant = self.authenticate(request)
+        job = self.jobs.get(tenant.name, request_id)
+        if job is None:  # another tenant's id looks exactly like an unknown one
+            raise APIError(404, f"no request {request_id!r} in flight", code="request_not_found")
+        job.cancel_by_client()
+        return CancelResponse(id=request_id, cancelled=True)
+
+    def models(self, request: Request) -> ModelList:
+        self.authenticate(request)
+        cards = [
+            ModelCard(id=name, created=self.created, max_layers=MAX_LAYERS, resolutions=list(RESOLUTIONS))
+            for name in self.model_names
+        ]
+        return ModelList(data=cards)
+
+
+class _Reply:
+    """Waits for a submitted job and answers: one JSON body, or a stream of server-sent events."""
+
+    def __init__(self, api: LayeredAPI, exchange: _Exchange, options: LayeredOptions, *, experimental: bool) -> None:
+        self.api, self.exchange, self.options, self.experimental = api, exchange, options, experimental
+        self.job: DecompositionJob = exchange.job
+
+    async def json(self, request: Request, headers: dict[str, str]) -> Response:
+        status = 499
+        try:
+            outputs = await self._outputs_unless_disconnected(request)
+            if outputs is None:
+                return Response(status_code=status)
+            body = await self._body(outputs)
+            status = 200
+            return JSONResponse(body, headers=headers)
+        except Exception as e:
+            error = _engine_error(e, self.job)
+            status = error.status_code
+            raise error from e
+        finally:
+            self.exchange.end(status)
+
+    async def events(self) -> AsyncIterator[bytes]:
+        status = 499
+        try:
+            async for item in self.job.progress(heartbeat_s=self.api.limits.sse_heartbeat_s):
+                yield HEARTBEAT if item is None else sse_event("progress", self._progress(*item))
+            try:
+                body = await self._body(await self.job.results())
+                event, data, final_status = "result", {"type": "result", **body}, 200
+            except Exception as e:
+                error = _engine_error(e, self.job)
+                final_status = error.status_code
+                event, data = "error", {"type": "error", "status": final_status, **error.body()}
+            yield sse_event(event, data)
+            status = final_status
+        finally:
+            self.exchange.end(status)
+
+    def _progress(self, index: int, event: ProgressEvent) -> dict[str, Any]:
+        data = ProgressData(
+            id=self.exchange.request_id,
+            decomposition_index=index,
+            stage=event.kind,
+            step=event.step if event.kind == "step" else None,
+            num_steps=event.num_steps or None,
+            queue_position=event.queue_position,
+        )
+        return data.model_dump(exclude_none=True)
+
+    async def _outputs_unless_disconnected(self, request: Request) -> list[RequestOutput] | None:
+        results = asyncio.ensure_future(self.job.results())
+        gone = asyncio.ensure_future(wait_for_disconnect(request.receive))
+        try:
+            done, _ = await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not results.done():
+                results.cancel()  # job.results() aborts the engine work when cancelled
+        return results.result() if results in done else None
+
+    async def _body(self, outputs: list[RequestOutput]) -> dict[str, Any]:
+        return await asyncio.to_thread(
+            build_images_response,
+            request_id=self.exchange.request_id,
+            model=self.api.model_names[0],
+            outputs=outputs,
+            seeds=self.job.seeds,
+            output_format=self.options.output_format,
+            package=self.options.package,
+            experimental=self.experimental,
+            png_compress_level=self.api.limits.png_compress_level,
+        )
+
+
+def _validate(model: type[LayeredOptions], data: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+def _rejection_reason(error: APIError) -> str:
+    if error.status_code == 429:
+        return error.code or "rate_limited"
+    return _REJECTION_REASONS.get(error.status_code, "invalid_request")
+
+
+def _admission_error(e: AdmissionError) -> APIError:
+    retry = str(max(1, math.ceil(e.retry_after_s)))
+    return APIError(429, str(e), code=e.reason, headers={"Retry-After": retry})
+
+
+def _overloaded(e: Exception) -> APIError:
+    message = f"the server is busy, retry later ({e})"
+    return APIError(503, message, code="engine_overloaded", headers={"Retry-After": str(OVERLOAD_RETRY_AFTER_S)})
+
+
+def _engine_error(e: BaseException, job: DecompositionJob) -> APIError:
+    """How a job that was accepted ended, as an HTTP error."""
+    if isinstance(e, EngineOverloadedError):
+        return _overloaded(e)
+    if isinstance(e, RequestCancelledError):
+        if job.cancelled_by_client:
+            return APIError(409, f"request {job.request_id!r} was cancelled", code="request_cancelled")
+        return APIError(503, f"request {job.request_id!r} was cancelled by the server", code="server_cancelled")
+    if isinstance(e, DeadlineExceededError):
+        return APIError(504, f"request {job.request_id!r} ran past its deadline", code="deadline_exceeded")
+    if isinstance(e, ValueError):
+        return APIError(400, str(e), code="invalid_value")
+    return APIError(500, f"the decomposition failed: {e}", code="engine_error")
+
+
+def _multipart_body(model: type[BaseModel]) -> dict[str, Any]:
+    schema = model.model_json_schema()
+    schema["properties"] = {
+        "image": {"type": "string", "format": "binary", "description": "The image to decompose (one file)."},
+        **schema["properties"],
+    }
+    schema["required"] = ["image"]
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+def build_app(
+    engine: AsyncLayeredEngine,
+    *,
+    tenants: TenantRegistry,
+    limits: ServerLimits,
+    metrics: ServingMetrics | None = None,
+    served_model_names: Sequence[str] = (),
+    shutdown_grace_s: float = 30.0,
+) -> FastAPI:
+    """The FastAPI app. It starts the engine on startup and shuts it down on exit. Pass the
+    ServingMetrics that is the engine's observer, or engine-side metrics stay empty."""
+    api = LayeredAPI(
+        engine, tenants=tenants, limits=limits, metrics=metrics or ServingMetrics(),
+        served_model_names=served_model_names,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.shutdown(grace_period_s=shutdown_grace_s)
+
+    app = FastAPI(title="vllm-layered", summary="Qwen-Image-Layered: one image in, RGBA layers out",
+                  description=__doc__, lifespan=lifespan)
+    app.state.api = api
+    _install_error_handlers(app)
+    images_responses = {200: {"model": ImagesResponse, "description": "The layers (or text/event-stream)"},
+                        **_ERROR_RESPONSES}
+
+    @app.post("/v1/images/edits", response_model=None, responses=images_responses,
+              openapi_extra=_multipart_body(ImageEditForm))
+    async def images_edits(request: Request) -> Response:
+        """Decompose an image into RGBA layers (bottom first)."""
+        return await api.images(request, "edits")
+
+    @app.post("/v1/images/generations", response_model=None, responses=images_responses,
+              openapi_extra=_json_body(ImageGenerationRequest))
+    async def images_generations(request: Request) -> Response:
+        """EXPERIMENTAL text -> layers: the condition image is a transparent canvas of the requested
+        aspect ratio. The released weights are tuned for image -> layers; expect weaker results."""
+        return await api.images(request, "generations")
+
+    @app.delete("/v1/requests/{request_id}", response_model=CancelResponse, responses=_ERROR_RESPONSES)
+    async def cancel_request(request: Request, request_id: str) -> CancelResponse:
+        """Cancel one of your own requests in flight (404 for ids that are not yours)."""
+        return api.cancel(request, request_id)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models(request: Request) -> ModelList:
+        return api.models(request)
+
+    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    async def health() -> dict[str, Any]:
+        """200 while the engine loop is alive and stepping; 503 when it died or is stuck."""
+        if not engine.is_healthy():
+            raise APIError(503, "the engine is not healthy (its loop died or is stuck)", code="engine_unhealthy")
+        return {"status": "ok", "num_requests_running": engine.num_running, "num_requests_waiting": engine.num_waiting}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        api.metrics.on_queue_state(engine.num_running, engine.num_waiting)
+        content, content_type = api.metrics.render()
+        return Response(content, media_type=content_type)
+
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as the OpenAI error body, framework errors included."""
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = APIError(exc.status_code, str(exc.detail), code=f"http_{exc.status_code}")
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        error = APIError(400, str(first.get("msg")), code="invalid_value", param=str(first["loc"][-1]))
+        return JSONResponse(error.body(), status_code=400)
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """``vllm-layered serve``: load the model, build the engine and serve until interrupted."""
+    import torch
+    import uvicorn
+
+    from vllm_layered.model_executor.pipeline import LayeredPipeline
+    from vllm_layered.model_executor.tiny_checkpoint import DEFAULT_MODEL_DIRNAME, default_model_path
+    from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig
+
+    tenants = TenantRegistry.from_file(args.api_keys) if args.api_keys else TenantRegistry.open()
+    limits = ServerLimits(
+        max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+        max_pixels=args.max_pixels,
+        max_n=args.max_n,
+        request_timeout_s=args.request_timeout,
+    )
+    dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    pipeline = LayeredPipeline.from_pretrained(args.model or default_model_path(), device=args.device, dtype=dtype)
+    served_names = args.served_model_name or [args.model or DEFAULT_MODEL_DIRNAME]
+    config = EngineConfig(
+        model_name=served_names[0],
+        max_waiting=args.max_queue,
+        max_running=args.max_running,
+        tenant_weights=tenants.weights(),
+    )
+    metrics = ServingMetrics()
+    engine = AsyncLayeredEngine(pipeline, config, observer=metrics)
+    app = build_app(
+        engine, tenants=tenants, limits=limits, metrics=metrics,
+        served_model_names=served_names, shutdown_grace_s=args.shutdown_grace,
+    )
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level, access_log=not args.no_access_log,
+        timeout_graceful_shutdown=args.shutdown_grace,
+    )
+    return 0

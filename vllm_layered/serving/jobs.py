@@ -1,0 +1,113 @@
+"""One API request = one job = n engine requests (decompositions) seen as one: merged progress,
+results in order, one cancel. The registry lets a tenant find (and cancel) its own jobs by id, and
+only its own."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+from vllm_layered.serving.engine.request import LayeredRequest, ProgressEvent, RequestHandle, RequestOutput
+
+
+class Engine(Protocol):
+    def submit(self, request: LayeredRequest) -> RequestHandle: ...
+
+    def abort(self, request_id: str) -> bool: ...
+
+
+class DecompositionJob:
+    def __init__(self, request_id: str, tenant: str, handles: list[RequestHandle], seeds: list[int]) -> None:
+        self.request_id = request_id
+        self.tenant = tenant
+        self.handles = handles
+        self.seeds = seeds
+        self.cancelled_by_client = False
+
+    @classmethod
+    def submit(cls, engine: Engine, request_id: str, requests: Sequence[LayeredRequest]) -> DecompositionJob:
+        """Submit every request or none: if one is refused, those already in are aborted."""
+        handles: list[RequestHandle] = []
+        try:
+            for request in requests:
+                handles.append(engine.submit(request))
+        except BaseException:
+            for handle in handles:
+                handle.cancel()
+            raise
+        return cls(request_id, requests[0].tenant, handles, [r.seed for r in requests])
+
+    async def progress(self, heartbeat_s: float | None = None) -> AsyncIterator[tuple[int, ProgressEvent] | None]:
+        """(decomposition index, event) from all handles as they come, until every one has ended;
+        None after ``heartbeat_s`` without an event."""
+        queue: asyncio.Queue[tuple[int, ProgressEvent] | int] = asyncio.Queue()
+
+        async def pump(index: int, handle: RequestHandle) -> None:
+            try:
+                async for event in handle.stream():
+                    queue.put_nowait((index, event))
+            finally:
+                queue.put_nowait(index)
+
+        tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(self.handles)]
+        try:
+            open_streams = len(tasks)
+            while open_streams:
+                try:
+                    item = await asyncio.wait_for(queue.get(), heartbeat_s)
+                except asyncio.TimeoutError:
+                    yield None
+                    continue
+                if isinstance(item, int):
+                    open_streams -= 1
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def results(self) -> list[RequestOutput]:
+        """The outputs in decomposition order; on the first failure the others are aborted and it is raised."""
+        try:
+            return list(await asyncio.gather(*(h.result() for h in self.handles)))
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        for handle in self.handles:
+            handle.cancel()
+
+    def cancel_by_client(self) -> None:
+        self.cancelled_by_client = True
+        self.abort()
+
+
+class DuplicateRequestError(Exception):
+    pass
+
+
+class JobRegistry:
+    """Jobs in flight, keyed by (tenant, request id): a tenant cannot name another tenant's job."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[tuple[str, str], DecompositionJob] = {}
+
+    def start(self, engine: Engine, request_id: str, requests: Sequence[LayeredRequest]) -> DecompositionJob:
+        """Submit a job under an id its tenant has not in flight (DuplicateRequestError otherwise)."""
+        key = (requests[0].tenant, request_id)
+        if key in self._jobs:
+            raise DuplicateRequestError(f"request id {request_id!r} is already in flight")
+        job = self._jobs[key] = DecompositionJob.submit(engine, request_id, requests)
+        return job
+
+    def finish(self, job: DecompositionJob) -> None:
+        if self._jobs.get((job.tenant, job.request_id)) is job:
+            del self._jobs[(job.tenant, job.request_id)]
+
+    def get(self, tenant: str, request_id: str) -> DecompositionJob | None:
+        return self._jobs.get((tenant, request_id))
+
+    def __len__(self) -> int:
+        return len(self._jobs)

@@ -1,0 +1,258 @@
+"""Wire formats of the HTTP API: request fields, response bodies and the OpenAI-style error body.
+
+Requests are validated here as far as their own fields go (types, ranges, choices); model-level
+checks (layers, resolution, steps) stay in GenerationParams, which the server builds from these.
+Multipart and JSON bodies share one field set (``LayeredOptions``). A form field sent empty counts
+as absent: the openai SDK sends ``None`` as an empty string.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+LAYER_ORDER = "bottom_to_top"
+PACKAGE_FORMATS = ("zip", "psd", "pptx")
+OUTPUT_FORMATS = ("png", "webp")
+MAX_SEED = 2**63 - 1
+_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+
+# The error ``type`` of each status; ``code`` says what exactly went wrong.
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "client_closed_request",
+    500: "server_error",
+    503: "service_unavailable_error",
+    504: "timeout_error",
+}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class APIError(Exception):
+    """An HTTP error with the OpenAI error body; ``headers`` go out with it (Retry-After, WWW-Authenticate)."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        error_type = _ERROR_TYPES.get(self.status_code, "invalid_request_error")
+        detail = ErrorDetail(message=self.message, type=error_type, param=self.param, code=self.code)
+        return ErrorResponse(error=detail).model_dump()
+
+
+def validation_error(exc: ValidationError) -> APIError:
+    """The first problem of a pydantic ValidationError as a 400 naming the field."""
+    first = exc.errors(include_url=False)[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    cause = first.get("ctx", {}).get("error")
+    message = str(cause) if isinstance(cause, ValueError) else f"{param}: {first['msg']}"
+    return APIError(400, message, code="invalid_value", param=param)
+
+
+class LayeredOptions(BaseModel):
+    """Fields shared by /v1/images/edits (multipart) and /v1/images/generations (JSON).
+
+    OpenAI's fields (model, n, size, response_format, user), vLLM-Omni's fields for this model
+    (layers, resolution, num_inference_steps, true_cfg_scale or its alias guidance_scale,
+    negative_prompt, seed, cfg_normalize, use_en_prompt) and ours (output_format, package, stream).
+    Unknown fields are ignored, as OpenAI-compatible servers do.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, description="Served model name (GET /v1/models); default: the one served.")
+    n: int = Field(1, ge=1, description="Number of decompositions; decomposition i uses seed + i.")
+    size: str | None = Field(
+        None,
+        description="'auto' or WIDTHxHEIGHT. Picks the resolution bucket nearest to sqrt(W*H) unless "
+        "'resolution' is given; for generations it is also the canvas aspect ratio. Edits keep the "
+        "input image's aspect ratio.",
+    )
+    response_format: Literal["b64_json"] = Field("b64_json", description="Only b64_json: images come inline.")
+    user: str | None = Field(None, description="End-user id (accepted for compatibility, not used).")
+    layers: int = Field(4, description="RGBA layers per decomposition (1-20).")
+    resolution: int | None = Field(None, description="Resolution bucket: 640 or 1024 (default 640).")
+    num_inference_steps: int = Field(50, description="Denoising steps.")
+    true_cfg_scale: float | None = Field(None, description="Classifier-free guidance scale; <= 1 turns CFG off.")
+    guidance_scale: float | None = Field(None, description="Alias of true_cfg_scale (vLLM-Omni's name).")
+    negative_prompt: str | None = Field(None, description="Negative prompt (default ' ', which enables CFG).")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first decomposition (default: random).")
+    cfg_normalize: bool = True
+    use_en_prompt: bool = Field(True, description="Auto-caption in English (false: Chinese) when prompt is empty.")
+    output_format: Literal["png", "webp"] = Field("png", description="Encoding of each layer (lossless).")
+    package: Literal["zip", "psd", "pptx"] | None = Field(
+        None,
+        description="Return each decomposition as ONE file (zip of PNGs, layered PSD or one-slide PPTX) "
+        "in a single data entry instead of one entry per layer.",
+    )
+    stream: bool = Field(False, description="Server-sent events: progress, then a 'result' event.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_absent(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            return {k: v for k, v in values.items() if v != ""}
+        return values
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _only_b64(cls, value: Any) -> Any:
+        if value == "url":
+            raise ValueError(
+                "response_format 'url' is not supported: this server does not host images; "
+                "use response_format=b64_json (the default) to get the layers inline"
+            )
+        if value != "b64_json":
+            raise ValueError(f"response_format must be 'b64_json', got {value!r}")
+        return value
+
+    @field_validator("output_format", mode="before")
+    @classmethod
+    def _known_output_format(cls, value: Any) -> Any:
+        if value in PACKAGE_FORMATS:
+            raise ValueError(f"output_format {value!r} is a package: send package={value} instead")
+        if value not in OUTPUT_FORMATS:
+            raise ValueError(f"output_format must be png or webp (layers need an alpha channel), got {value!r}")
+        return value
+
+    @field_validator("size")
+    @classmethod
+    def _size_shape(cls, value: str | None) -> str | None:
+        if value is None or value == "auto" or _SIZE.match(value):
+            return value
+        raise ValueError(f"size must be 'auto' or WIDTHxHEIGHT (e.g. 1024x1024), got {value!r}")
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _one_cfg_scale(cls, value: float | None, info: ValidationInfo) -> float | None:
+        other = info.data.get("true_cfg_scale")
+        if value is not None and other is not None and value != other:
+            raise ValueError("true_cfg_scale and guidance_scale are aliases; give one (or the same value)")
+        return value
+
+    @property
+    def cfg_scale(self) -> float | None:
+        return self.true_cfg_scale if self.true_cfg_scale is not None else self.guidance_scale
+
+    def size_pixels(self) -> tuple[int, int] | None:
+        """(width, height) of ``size``, or None for 'auto' / not given."""
+        match = _SIZE.match(self.size or "")
+        return (int(match[1]), int(match[2])) if match else None
+
+
+class ImageEditForm(LayeredOptions):
+    """POST /v1/images/edits, multipart/form-data. The file goes in ``image`` (or ``image[]``)."""
+
+    prompt: str = Field("", description="Caption of the image; empty: the server captions it.")
+
+
+class ImageGenerationRequest(LayeredOptions):
+    """POST /v1/images/generations, JSON. EXPERIMENTAL: text -> layers over a transparent canvas."""
+
+    prompt: str = Field(..., description="What to generate (required).")
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be empty for generations (there is no image to caption)")
+        return value
+
+
+class ImageData(BaseModel):
+    """One entry of ``data``: a layer (layer_index, role) or, with ``package``, a whole decomposition."""
+
+    b64_json: str
+    revised_prompt: str | None = Field(None, description="The prompt used (the caption when none was given).")
+    decomposition_index: int
+    seed: int
+    num_layers: int
+    mime_type: str
+    layer_index: int | None = Field(None, description="0 = bottom (background); layers are bottom to top.")
+    role: Literal["background", "layer"] | None = None
+    package: Literal["zip", "psd", "pptx"] | None = None
+
+
+class DecompositionInfo(BaseModel):
+    index: int
+    seed: int
+    prompt: str
+    timings: dict[str, float]
+
+
+class ImagesResponse(BaseModel):
+    """OpenAI's ImagesResponse (created, data, size, output_format) plus the layer bookkeeping."""
+
+    id: str
+    created: int
+    model: str
+    data: list[ImageData]
+    layer_order: Literal["bottom_to_top"] = LAYER_ORDER
+    num_layers: int
+    size: str = Field(description="WIDTHxHEIGHT of every layer.")
+    output_format: str
+    package: str | None = None
+    decompositions: list[DecompositionInfo]
+    experimental: bool = Field(False, description="True for /v1/images/generations.")
+
+
+class ProgressData(BaseModel):
+    """The data of an SSE ``progress`` event (stage: queued, started, step, decoding)."""
+
+    type: Literal["progress"] = "progress"
+    id: str
+    decomposition_index: int
+    stage: str
+    step: int | None = None
+    num_steps: int | None = None
+    queue_position: int | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "vllm-layered"
+    max_layers: int
+    resolutions: list[int]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class CancelResponse(BaseModel):
+    id: str
+    object: Literal["request.cancellation"] = "request.cancellation"
+    cancelled: bool
