@@ -18,6 +18,7 @@ import functools
 import math
 import numbers
 import os
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -186,9 +187,10 @@ def _softmax_scale(scale: float | None, head_dim: int) -> float:
     return float(scale)
 
 
-def _seq_bounds(cu_seqlens: torch.Tensor, total: int) -> list[int]:
-    """cu_seqlens on the host, checked (this syncs with the device)."""
-    bounds = cu_seqlens.tolist()
+def _seq_bounds(cu_seqlens: torch.Tensor, total: int, bounds: Sequence[int] | None = None) -> list[int]:
+    """cu_seqlens on the host, checked. Reading it from the device syncs: callers that know the bounds
+    on the host (the transformer builds them there) pass them as ``bounds``."""
+    bounds = cu_seqlens.tolist() if bounds is None else list(bounds)
     if bounds[0] != 0 or bounds[-1] != total or any(b > e for b, e in zip(bounds[:-1], bounds[1:])):
         raise ValueError(f"cu_seqlens must rise from 0 to S_total = {total}, got {bounds}")
     return bounds
@@ -268,6 +270,7 @@ def sdpa_varlen_attention(
     *,
     scale: float | None = None,
     sdpa_kernel: str | None = None,
+    bounds: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Torch SDPA, one call per run of consecutive equal-length sequences (CFG pairs become one batched
     call), no mask. sdpa_kernel pins SDPA's implementation: "cudnn", "flash", "efficient" or "math"."""
@@ -275,7 +278,7 @@ def sdpa_varlen_attention(
     scale = _softmax_scale(scale, q.shape[-1])
     total, num_heads, head_dim = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    bounds = _seq_bounds(cu_seqlens, total)
+    bounds = _seq_bounds(cu_seqlens, total, bounds)
     with _sdpa_context(sdpa_kernel):
         start = 0
         while start < len(bounds) - 1:
@@ -420,8 +423,11 @@ def attention(
     *,
     backend: str = "auto",
     scale: float | None = None,
+    bounds: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Block-diagonal attention over packed sequences [S_total, H, D] with the chosen backend."""
+    """Block-diagonal attention over packed sequences [S_total, H, D] with the chosen backend.
+
+    ``bounds``: cu_seqlens as host integers, if the caller has them (saves a device sync)."""
     if backend == "auto":
         _check_inputs(q, k, v, cu_seqlens, max_seqlen)
         backend = resolve_attention_backend(q.device, q.shape[1], q.shape[2], max_seqlen)
@@ -431,4 +437,4 @@ def attention(
     if backend == "flex":
         return flex_varlen_attention(q, k, v, cu_seqlens, scale=scale)
     _, _, kernel = backend.partition(":")
-    return sdpa_varlen_attention(q, k, v, cu_seqlens, scale=scale, sdpa_kernel=kernel or None)
+    return sdpa_varlen_attention(q, k, v, cu_seqlens, scale=scale, sdpa_kernel=kernel or None, bounds=bounds)

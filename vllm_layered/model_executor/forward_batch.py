@@ -92,7 +92,7 @@ class PackedMetadata:
 
     img_seg / txt_seg: [N] int32 sequence id of each token (selects its timestep modulation)
     img_rows / txt_rows: [N] int64 row of each token in the joint attention buffer
-    cu_seqlens: [S+1] int32 sequence boundaries in the joint buffer
+    cu_seqlens: [S+1] int32 sequence boundaries in the joint buffer (``seq_bounds``: the same on the host)
     img_cos / img_sin / txt_cos / txt_sin: [N, head_dim // 2] float32 rotation tables
     noisy_rows: [N_noisy] int64 rows of ``image_tokens`` that are noisy frames (the model output)
     """
@@ -102,6 +102,7 @@ class PackedMetadata:
     img_rows: torch.Tensor
     txt_rows: torch.Tensor
     cu_seqlens: torch.Tensor
+    seq_bounds: tuple[int, ...]
     max_seqlen: int
     img_cos: torch.Tensor
     img_sin: torch.Tensor
@@ -143,6 +144,7 @@ class PackedMetadata:
             img_rows=torch.cat(img_rows).to(device),
             txt_rows=torch.cat(txt_rows).to(device),
             cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
+            seq_bounds=tuple(cu),
             max_seqlen=max(layout.total_tokens for layout in layouts),
             img_cos=img_cos.to(device),
             img_sin=img_sin.to(device),

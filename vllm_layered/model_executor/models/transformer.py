@@ -105,6 +105,8 @@ class _GELUProj(nn.Module):
         self.proj = nn.Linear(dim, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # GELU in the GEMM epilogue (cuBLASLt's GELU is the tanh form): one pass less over 4C
+            return torch._addmm_activation(self.proj.bias, x, self.proj.weight.t(), use_gelu=True)
         return F.gelu(self.proj(x), approximate="tanh")
 
 
@@ -142,7 +144,8 @@ class JointAttention(nn.Module):
             norm_rope(proj_q(x).view(heads), norm_q.weight, cos, sin, eps=norm_q.eps, out=q, out_rows=rows)
             norm_rope(proj_k(x).view(heads), norm_k.weight, cos, sin, eps=norm_k.eps, out=k, out_rows=rows)
             v.index_copy_(0, rows, proj_v(x).view(heads))
-        out = attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, backend=self.backend).flatten(1)
+        out = attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, backend=self.backend, bounds=meta.seq_bounds)
+        out = out.flatten(1)
         return self.to_out[0](out[meta.img_rows]), self.to_add_out(out[meta.txt_rows])
 
 

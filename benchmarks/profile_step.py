@@ -1,0 +1,74 @@
+"""Where the time of one packed CFG step goes: GPU kernel time by category, and GPU idle time.
+
+    python benchmarks/profile_step.py [--shape 640x4] [--backend sdpa]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import bench_ms, random_transformer, write_results  # noqa: E402
+from benchmarks.forward import COND_TEXT, UNCOND_TEXT, inputs, set_backend  # noqa: E402
+from vllm_layered.model_executor.forward_batch import SequenceLayout  # noqa: E402
+
+CATEGORIES = (  # first match wins
+    ("attention", ("fmha", "flash", "cudnn", "attn", "sdpa")),
+    ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "sm90")),
+    ("norm+rope", ("qk_norm_rope",)),
+    ("adaln", ("layernorm_modulate", "gated_residual")),
+    ("copy/index", ("copy", "index", "gather", "scatter", "cat")),
+)
+
+
+def category(name: str) -> str:
+    lower = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in lower for k in keys):
+            return cat
+    return "other elementwise"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", default="640x4")
+    parser.add_argument("--backend", default="sdpa")
+    args = parser.parse_args()
+    res, layers = (int(x) for x in args.shape.split("x"))
+    side = res // 16
+    model = random_transformer()
+    set_backend(model, args.backend)
+    layouts = [SequenceLayout(COND_TEXT, layers, side, side), SequenceLayout(UNCOND_TEXT, layers, side, side)]
+    batch = inputs(layouts, torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        step_ms = bench_ms(lambda: model(batch), repeat=3)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            model(batch)
+            torch.cuda.synchronize()
+    by_cat: dict[str, float] = defaultdict(float)
+    by_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA and evt.device_time_total > 0:
+            by_cat[category(evt.name)] += evt.device_time_total / 1e3
+            by_kernel[evt.name][0] += evt.device_time_total / 1e3
+            by_kernel[evt.name][1] += 1
+    busy = sum(by_cat.values())
+    print(f"\n{args.shape} packed CFG step, backend {args.backend}: {step_ms:.1f} ms wall, {busy:.1f} ms kernels")
+    for cat, ms in sorted(by_cat.items(), key=lambda kv: -kv[1]):
+        print(f"  {cat:18s} {ms:8.1f} ms  {100 * ms / busy:5.1f}%")
+    print("top kernels:")
+    top = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:15]
+    for name, (ms, count) in top:
+        print(f"  {ms:8.1f} ms {count:5d}x  {name[:110]}")
+    write_results(f"profile_{args.shape}.json", {"step_ms": step_ms, "categories": by_cat,
+                                                  "kernels": {n: v for n, v in top}})
+
+
+if __name__ == "__main__":
+    main()
