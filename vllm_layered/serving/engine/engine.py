@@ -46,12 +46,17 @@ logger = logging.getLogger(__name__)
 
 ESTIMATED_TEXT_TOKENS = 256
 ACTIVATION_BYTES_PER_TOKEN_PER_CHANNEL = 48  # peak activation bytes of one token, per model channel, bf16
+# One 640/4-layer CFG request (19.6k tokens) already runs the GEMMs at the GPU's bf16 rate (H200,
+# benchmarks/RESULTS.md): packing more tokens into a forward adds no throughput, it only makes every
+# packed request wait for the others. So the default budget packs small requests together and runs
+# large ones (nearly) alone.
+SATURATING_TOKENS = 32768
 
 
 @dataclass
 class EngineConfig:
-    """max_waiting bounds the queue; token_budget bounds the tokens of one packed forward (None:
-    derived from free GPU memory); a request larger than the budget runs alone."""
+    """max_waiting bounds the queue; token_budget bounds the tokens of one packed forward (None: on a GPU
+    the smaller of SATURATING_TOKENS and what free memory allows); a request larger than it runs alone."""
 
     model_name: str = "Qwen/Qwen-Image-Layered"
     max_waiting: int = 256
@@ -72,7 +77,7 @@ def default_token_budget(pipeline: LayeredPipeline) -> int:
         return 1 << 16
     free, _ = torch.cuda.mem_get_info(pipeline.device)
     per_token = pipeline.transformer.config.inner_dim * ACTIVATION_BYTES_PER_TOKEN_PER_CHANNEL
-    return max(1 << 14, min(1 << 19, int(0.6 * free / per_token)))
+    return max(1 << 14, min(SATURATING_TOKENS, int(0.6 * free / per_token)))
 
 
 def request_tokens(request: LayeredRequest, text_len: int = ESTIMATED_TEXT_TOKENS) -> int:
