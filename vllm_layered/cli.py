@@ -1,5 +1,6 @@
-"""The ``vllm-layered`` command line. Each subcommand lives in the module that implements it; this file
-only declares the arguments and dispatches."""
+"""vllm-layered: split images into RGBA layers with Qwen-Image-Layered, serve it, talk to a server."""
+
+# Each subcommand lives in the module that implements it; this file only declares arguments and dispatches.
 
 from __future__ import annotations
 
@@ -17,15 +18,23 @@ def _decompose(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from vllm_layered.model_executor.export import save_layers
-    from vllm_layered.model_executor.pipeline import LayeredPipeline
+    from vllm_layered.model_executor.image_processing import load_image
+    from vllm_layered.model_executor.pipeline import GenerationParams, LayeredPipeline
     from vllm_layered.model_executor.tiny_checkpoint import default_model_path
 
+    # check the input before loading a 54 GB model
+    image = load_image(args.image)
+    GenerationParams(layers=args.layers, resolution=args.resolution, num_inference_steps=args.steps)
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     model = args.model or default_model_path()
     dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     pipe = LayeredPipeline.from_pretrained(model, device=args.device, dtype=dtype)
     with tqdm(total=args.steps, desc="denoising", unit="step", disable=args.quiet) as bar:
         result = pipe(
-            args.image,
+            image,
             prompt=args.prompt,
             negative_prompt=args.negative_prompt if args.true_cfg_scale > 1 else None,
             true_cfg_scale=args.true_cfg_scale,
@@ -69,6 +78,41 @@ def _client_decompose(args: argparse.Namespace) -> int:
     return decompose(args)
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    from vllm_layered.bench.serve import main as bench_serve
+
+    return bench_serve(args)
+
+
+def _bench_sweep(args: argparse.Namespace) -> int:
+    from vllm_layered.bench.sweep import main as bench_sweep
+
+    return bench_sweep(args)
+
+
+def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--backend", default="vllm-layered", choices=("vllm-layered", "vllm-omni"))
+    p.add_argument("--dataset", default="random", help="'random' (seeded shapes) or a folder of images")
+    p.add_argument("--layers", default="2-8", help="layers per request: N, or LOW-HIGH drawn uniformly")
+    p.add_argument("--resolution", type=int, default=640)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--true-cfg-scale", type=float, default=4.0)
+    p.add_argument("--negative-prompt", default=" ")
+    p.add_argument("--prompt", help="caption sent with every image (default: a fixed one; empty: server captions)")
+    p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
+    p.add_argument("--num-requests", type=int, default=100)
+    p.add_argument("--num-warmup", type=int, default=1, help="uncounted requests sent one at a time first")
+    p.add_argument("--api-key", default=os.environ.get("VLLM_LAYERED_API_KEY"),
+                   help="Bearer key (default: $VLLM_LAYERED_API_KEY)")
+    p.add_argument("--model", default=None, help="served model name (default: the server's)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the dataset, the arrivals and the request seeds")
+    p.add_argument("--slo", type=float, default=None, help="latency SLO in seconds, for goodput")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per request")
+    p.add_argument("--disable-tqdm", action="store_true")
+    p.add_argument("--result-json", type=Path, default=None)
+
+
 def _add_server_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the OpenAI-compatible images API")
     p.add_argument("--model", help="diffusers folder or Hugging Face repo id (default: the embedded tiny model)")
@@ -110,6 +154,18 @@ def _add_server_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default="", help="caption of the image (default: the server captions it)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=_client_decompose)
+
+    bench = sub.add_parser("bench", help="benchmark a running server").add_subparsers(dest="bench_command",
+                                                                                      required=True)
+    p = bench.add_parser("serve", help="send a request load, report throughput, latency and goodput")
+    _add_bench_arguments(p)
+    p.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson rate in req/s, or inf")
+    p.set_defaults(func=_bench_serve)
+    p = bench.add_parser("sweep", help="bench serve at several rates, plot throughput against p95 latency")
+    _add_bench_arguments(p)
+    p.add_argument("--rates", default="0.05,0.1,inf", help="comma-separated request rates (inf: all at once)")
+    p.add_argument("--plot", type=Path, default=None, help="PNG of throughput against p95 latency")
+    p.set_defaults(func=_bench_sweep)
 
 
 def build_parser() -> argparse.ArgumentParser:
