@@ -92,6 +92,8 @@ class PackedMetadata:
 
     img_seg / txt_seg: [N] int32 sequence id of each token (selects its timestep modulation)
     img_rows / txt_rows: [N] int64 row of each token in the joint attention buffer
+    img_spans / txt_spans: per sequence (first row in the stream, first row in the joint buffer, length):
+        each sequence's rows are contiguous on both sides, so projections can write straight into place
     cu_seqlens: [S+1] int32 sequence boundaries in the joint buffer (``seq_bounds``: the same on the host)
     img_cos / img_sin / txt_cos / txt_sin: [N, head_dim // 2] float32 rotation tables
     noisy_rows: [N_noisy] int64 rows of ``image_tokens`` that are noisy frames (the model output)
@@ -101,6 +103,8 @@ class PackedMetadata:
     txt_seg: torch.Tensor
     img_rows: torch.Tensor
     txt_rows: torch.Tensor
+    img_spans: tuple[tuple[int, int, int], ...]
+    txt_spans: tuple[tuple[int, int, int], ...]
     cu_seqlens: torch.Tensor
     seq_bounds: tuple[int, ...]
     max_seqlen: int
@@ -121,9 +125,9 @@ class PackedMetadata:
         device: torch.device,
     ) -> PackedMetadata:
         img_seg, txt_seg, img_rows, txt_rows, noisy_rows = [], [], [], [], []
-        img_pos, txt_pos = [], []
+        img_pos, txt_pos, img_spans, txt_spans = [], [], [], []
         cu = [0]
-        img_offset = 0
+        img_offset = txt_offset = 0
         for s, layout in enumerate(layouts):
             start = cu[-1]
             txt_seg.append(torch.full((layout.text_len,), s, dtype=torch.int32))
@@ -131,10 +135,13 @@ class PackedMetadata:
             txt_rows.append(torch.arange(start, start + layout.text_len))
             img_rows.append(torch.arange(start + layout.text_len, start + layout.total_tokens))
             noisy_rows.append(torch.arange(img_offset, img_offset + layout.noisy_tokens))
+            txt_spans.append((txt_offset, start, layout.text_len))
+            img_spans.append((img_offset, start + layout.text_len, layout.image_tokens))
             image_positions, text_positions = layer3d_positions(layout)
             img_pos.append(image_positions)
             txt_pos.append(text_positions)
             img_offset += layout.image_tokens
+            txt_offset += layout.text_len
             cu.append(start + layout.total_tokens)
         img_cos, img_sin = rope_cos_sin(torch.cat(img_pos), axes_dims=axes_dims, theta=theta)
         txt_cos, txt_sin = rope_cos_sin(torch.cat(txt_pos), axes_dims=axes_dims, theta=theta)
@@ -143,6 +150,8 @@ class PackedMetadata:
             txt_seg=torch.cat(txt_seg).to(device),
             img_rows=torch.cat(img_rows).to(device),
             txt_rows=torch.cat(txt_rows).to(device),
+            img_spans=tuple(img_spans),
+            txt_spans=tuple(txt_spans),
             cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
             seq_bounds=tuple(cu),
             max_seqlen=max(layout.total_tokens for layout in layouts),

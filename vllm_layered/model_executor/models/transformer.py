@@ -135,18 +135,32 @@ class JointAttention(nn.Module):
         shape = (meta.total_tokens, self.num_heads, self.head_dim)
         q, k, v = (img.new_empty(shape) for _ in range(3))
         norm_rope = qk_norm_rope.qk_norm_rope if use_triton(img) else qk_norm_rope.qk_norm_rope_ref
-        for rows, x, (proj_q, proj_k, proj_v), (norm_q, norm_k), (cos, sin) in (
-            (meta.img_rows, img, (self.to_q, self.to_k, self.to_v), (self.norm_q, self.norm_k),
+        streams = (
+            (img, meta.img_rows, meta.img_spans, (self.to_q, self.to_k, self.to_v), (self.norm_q, self.norm_k),
              (meta.img_cos, meta.img_sin)),
-            (meta.txt_rows, txt, (self.add_q_proj, self.add_k_proj, self.add_v_proj),
+            (txt, meta.txt_rows, meta.txt_spans, (self.add_q_proj, self.add_k_proj, self.add_v_proj),
              (self.norm_added_q, self.norm_added_k), (meta.txt_cos, meta.txt_sin)),
-        ):
+        )
+        for x, rows, spans, (proj_q, proj_k, proj_v), (norm_q, norm_k), (cos, sin) in streams:
             norm_rope(proj_q(x).view(heads), norm_q.weight, cos, sin, eps=norm_q.eps, out=q, out_rows=rows)
             norm_rope(proj_k(x).view(heads), norm_k.weight, cos, sin, eps=norm_k.eps, out=k, out_rows=rows)
-            v.index_copy_(0, rows, proj_v(x).view(heads))
+            linear_spans(x, proj_v, spans, v.view(meta.total_tokens, -1), to_joint=True)
         out = attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, backend=self.backend, bounds=meta.seq_bounds)
-        out = out.flatten(1)
-        return self.to_out[0](out[meta.img_rows]), self.to_add_out(out[meta.txt_rows])
+        out = out.view(meta.total_tokens, -1)
+        img_out = linear_spans(out, self.to_out[0], meta.img_spans, img.new_empty(img.shape), to_joint=False)
+        txt_out = linear_spans(out, self.to_add_out, meta.txt_spans, txt.new_empty(txt.shape), to_joint=False)
+        return img_out, txt_out
+
+
+def linear_spans(
+    x: torch.Tensor, linear: nn.Linear, spans: tuple[tuple[int, int, int], ...], out: torch.Tensor, *, to_joint: bool
+) -> torch.Tensor:
+    """``linear`` applied span by span between a stream and the joint buffer, each GEMM writing straight
+    into its rows of ``out`` (no gather/scatter pass). Spans: (stream row, joint row, length)."""
+    for stream_row, joint_row, n in spans:
+        src, dst = (stream_row, joint_row) if to_joint else (joint_row, stream_row)
+        torch.addmm(linear.bias, x[src : src + n], linear.weight.t(), out=out[dst : dst + n])
+    return out
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
