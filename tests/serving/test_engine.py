@@ -193,8 +193,8 @@ def test_flooding_tenant_does_not_starve_another(pipeline):
 def test_deadline_expiry_in_queue_and_while_running(pipeline):
     async def scenario():
         engine = await started_engine(pipeline, max_running=1)
+        # the runner occupies the only slot (preparing or denoising) while the second waits in the queue
         runner = engine.submit(request("runner", steps=200, deadline=time.monotonic() + 3))
-        await wait_for(runner, "step")
         queued = engine.submit(request("queued", steps=1, deadline=time.monotonic() + 0.2))
         with pytest.raises(DeadlineExceededError):
             await queued.result()

@@ -228,17 +228,18 @@ class AsyncLayeredEngine:
                 if entry.expired(now):
                     self._waiting.remove(request_id)
                     self._end(entry, RequestStatus.EXPIRED, DeadlineExceededError(f"request {request_id} expired"))
-            keep = []
+            leaving = []
             for entry in self._running:
                 if entry.cancel_requested:
-                    self._end(entry, RequestStatus.CANCELLED, RequestCancelledError(f"request {entry.request_id} "
-                                                                                    "was cancelled"))
+                    error = RequestCancelledError(f"request {entry.request_id} was cancelled")
+                    leaving.append((entry, RequestStatus.CANCELLED, error))
                 elif entry.expired(now):
-                    self._end(entry, RequestStatus.EXPIRED, DeadlineExceededError(f"request {entry.request_id} "
-                                                                                  "expired"))
-                else:
-                    keep.append(entry)
-            self._running = keep
+                    error = DeadlineExceededError(f"request {entry.request_id} expired")
+                    leaving.append((entry, RequestStatus.EXPIRED, error))
+            # leave the running set before the caller hears the outcome, so it never sees a stale count
+            self._running = [e for e in self._running if all(e is not gone for gone, _, _ in leaving)]
+            for entry, status, error in leaving:
+                self._end(entry, status, error)
 
     def _running_tokens(self) -> int:
         active = self._running + [self._requests[r] for r in self._preparing if r in self._requests]
@@ -293,25 +294,23 @@ class AsyncLayeredEngine:
         except Exception as exc:  # a failed forward fails its requests, never the engine
             logger.exception("denoising step failed")
             with self._lock:
+                self._running = [e for e in self._running if all(e is not b for b in batch)]
                 for entry in batch:
                     self._end(entry, RequestStatus.FAILED, EngineError(f"denoising failed: {exc}"))
-                self._running = [e for e in self._running if e not in batch]
             return
         tokens = sum(layout.total_tokens for s in states for layout in s.layouts())
         self.observer.on_step(time.monotonic() - start, len(batch), tokens)
-        still_running = []
+        finished = [e for e in batch if e.state.done]
+        with self._lock:  # leave the running set before anything can report the outcome
+            self._running = [e for e in self._running if all(e is not f for f in finished)]
         for entry in batch:
             state = entry.state
             self._notify(entry, ProgressEvent("step", step=state.step, num_steps=state.num_steps))
-            if state.done:
-                entry.status = RequestStatus.DECODING
-                entry.decode_start = time.monotonic()
-                self._notify(entry, ProgressEvent("decoding", step=state.step, num_steps=state.num_steps))
-                self._aux.submit(self._decode, entry)
-            else:
-                still_running.append(entry)
-        with self._lock:
-            self._running = [e for e in self._running if e in still_running or e not in batch]
+        for entry in finished:
+            entry.status = RequestStatus.DECODING
+            entry.decode_start = time.monotonic()
+            self._notify(entry, ProgressEvent("decoding", step=entry.state.step, num_steps=entry.state.num_steps))
+            self._aux.submit(self._decode, entry)
 
     # -- aux thread --------------------------------------------------------------------------------
 
