@@ -71,14 +71,27 @@ def build_forward_batch(states: list[DenoiseState], dtype: torch.dtype) -> Forwa
     return ForwardBatch(torch.cat(images), torch.cat(texts), timesteps, layouts)
 
 
-def apply_velocity(states: list[DenoiseState], velocity: torch.Tensor) -> None:
-    """Advance every state by one Euler step given the packed transformer output."""
+def guided_velocities(states: list[DenoiseState], velocity: torch.Tensor) -> list[torch.Tensor]:
+    """Split the packed transformer output per state and combine its CFG branches: [noisy_tokens, 64] each."""
     sizes = [layout.noisy_tokens for state in states for layout in state.layouts()]
     outputs = iter(velocity.split(sizes))
+    guided = []
     for state in states:
         v = next(outputs)
         if state.do_cfg:
             v = combine_cfg(v, next(outputs), state.true_cfg_scale, state.cfg_normalize)
-        sigma, sigma_next = state.sigmas[state.step].item(), state.sigmas[state.step + 1].item()
-        state.latents = euler_step(state.latents, v, sigma, sigma_next)
-        state.step += 1
+        guided.append(v)
+    return guided
+
+
+def advance(state: DenoiseState, velocity: torch.Tensor) -> None:
+    """One Euler step of one state."""
+    sigma, sigma_next = state.sigmas[state.step].item(), state.sigmas[state.step + 1].item()
+    state.latents = euler_step(state.latents, velocity, sigma, sigma_next)
+    state.step += 1
+
+
+def apply_velocity(states: list[DenoiseState], velocity: torch.Tensor) -> None:
+    """Advance every state by one Euler step given the packed transformer output."""
+    for state, v in zip(states, guided_velocities(states, velocity)):
+        advance(state, v)

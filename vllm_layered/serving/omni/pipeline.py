@@ -26,10 +26,9 @@ from torch import nn
 from vllm_omni.diffusion.data import DiffusionOutput, OmniDiffusionConfig
 from vllm_omni.diffusion.distributed.utils import get_local_device
 
-from vllm_layered.model_executor.denoise import DenoiseState, build_forward_batch
+from vllm_layered.model_executor.denoise import DenoiseState, advance, build_forward_batch, guided_velocities
 from vllm_layered.model_executor.image_processing import bucket_size, load_image
 from vllm_layered.model_executor.pipeline import GenerationParams, LayeredPipeline
-from vllm_layered.model_executor.sampler import combine_cfg, euler_step
 
 STATE_KEY = "vllm_layered"
 DEFAULT_NEGATIVE_PROMPT = " "  # the official app's: CFG on unless the request turns it off
@@ -116,11 +115,10 @@ class OmniLayeredPipeline(nn.Module):
     color_format: ClassVar[str] = "RGBA"
     supports_step_execution: ClassVar[bool] = True
 
-    def __init__(self, *, od_config: OmniDiffusionConfig, prefix: str = "", layered: LayeredPipeline | None = None):
+    def __init__(self, *, od_config: OmniDiffusionConfig, prefix: str = ""):
         super().__init__()
         self.od_config = od_config
-        if layered is None:
-            layered = LayeredPipeline.from_pretrained(od_config.model, device=get_local_device(), dtype=od_config.dtype)
+        layered = LayeredPipeline.from_pretrained(od_config.model, device=get_local_device(), dtype=od_config.dtype)
         self.layered = layered  # not a Module: its modules are registered below
         self.transformer = layered.transformer
         self.vae = layered.vae
@@ -142,22 +140,8 @@ class OmniLayeredPipeline(nn.Module):
 
     def _guided_velocity(self, states: Sequence[DenoiseState]) -> list[torch.Tensor]:
         """One packed forward over ``states``; per state its CFG-combined velocity [noisy_tokens, 64]."""
-        velocity = self.transformer(build_forward_batch(list(states), self.layered.dtype))
-        sizes = [layout.noisy_tokens for state in states for layout in state.layouts()]
-        outputs = iter(velocity.split(sizes))
-        guided = []
-        for state in states:
-            v = next(outputs)
-            if state.do_cfg:
-                v = combine_cfg(v, next(outputs), state.true_cfg_scale, state.cfg_normalize)
-            guided.append(v)
-        return guided
-
-    @staticmethod
-    def _advance(state: DenoiseState, velocity: torch.Tensor) -> None:
-        sigma, sigma_next = state.sigmas[state.step].item(), state.sigmas[state.step + 1].item()
-        state.latents = euler_step(state.latents, velocity, sigma, sigma_next)
-        state.step += 1
+        states = list(states)
+        return guided_velocities(states, self.transformer(build_forward_batch(states, self.layered.dtype)))
 
     def _output(self, state: DenoiseState, output_type: str | None) -> DiffusionOutput:
         if output_type == "latent":
@@ -174,7 +158,7 @@ class OmniLayeredPipeline(nn.Module):
         states = [self._prepare(r.prompt, r.sampling_params) for r in req.requests]
         while active := [s for s in states if not s.done]:
             for state, v in zip(active, self._guided_velocity(active)):
-                self._advance(state, v)
+                advance(state, v)
         return [self._output(state, r.sampling_params.output_type) for state, r in zip(states, req.requests)]
 
     # -- step mode ------------------------------------------------------------------------------
@@ -202,7 +186,7 @@ class OmniLayeredPipeline(nn.Module):
 
     def step_scheduler(self, state, noise_pred: torch.Tensor, **kwargs: Any) -> None:
         ours = state.extra[STATE_KEY]
-        self._advance(ours, noise_pred)
+        advance(ours, noise_pred)
         state.latents = ours.latents
         state.step_index = ours.step
 
