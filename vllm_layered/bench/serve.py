@@ -161,7 +161,8 @@ async def _stream(client: httpx.AsyncClient, record: RequestRecord, form, files,
             event, data = item
             now = time.perf_counter() - t0
             if event == "progress":
-                record.first_progress_s = record.first_progress_s if record.first_progress_s is not None else now
+                if record.first_progress_s is None:
+                    record.first_progress_s = now
                 if data.get("stage") == "step" and record.first_step_s is None:
                     record.first_step_s = now
             elif event == "error":

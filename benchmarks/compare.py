@@ -1,0 +1,139 @@
+"""End to end per request, our LayeredPipeline vs diffusers' QwenImageLayeredPipeline, in ONE run on one GPU.
+
+Random full-size bf16 weights (speed does not depend on their values); diffusers' transformer shares our
+weight tensors, and both pipelines get the same input image, the same prompt embeddings (made once by our
+text encoder, outside the timed region: "text encoding from given embeddings") and the same seed. Timed per
+request: VAE encode of the condition image, every denoising step (CFG: two forwards each), VAE decode of the
+layers to PIL images.
+
+Compute floor (DESIGN.md cost model): the FLOPs of all transformer forwards of the request divided by the
+bf16 GEMM rate measured in this run; each pipeline is reported as seconds, seconds / floor and floor % .
+
+    python benchmarks/compare.py [--configs 640x4,1024x4] [--steps 50] [--repeat 1] [--no-diffusers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import forward_flops, gemm_tflops, write_results  # noqa: E402
+from benchmarks.engine import diffusers_pipeline  # noqa: E402
+from benchmarks.pipeline_step import CAPTION, random_pipeline  # noqa: E402
+from vllm_layered.model_executor.image_processing import bucket_size  # noqa: E402
+from vllm_layered.model_executor.pipeline import GenerationParams  # noqa: E402
+
+CFG_SCALE = 4.0
+NEGATIVE = " "
+
+
+def parse_configs(spec: str) -> list[tuple[int, int]]:
+    """"640x4,1024x4" -> [(640, 4), (1024, 4)] (resolution x layers)."""
+    try:
+        configs = [tuple(int(v) for v in part.split("x")) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"configs are RESxLAYERS,...: {spec!r}") from None
+    if not configs or any(len(c) != 2 for c in configs):
+        raise argparse.ArgumentTypeError(f"configs are RESxLAYERS,...: {spec!r}")
+    return configs
+
+
+def input_image(resolution: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (resolution, resolution, 4), dtype=np.uint8), "RGBA")
+
+
+def request_flops(image: Image.Image, resolution: int, layers: int, steps: int, text_lens: list[int]) -> float:
+    """All forwards of one request: per step one forward per CFG branch, L = (layers+2)*h*w + text tokens."""
+    width, height = bucket_size(image.width, image.height, resolution)
+    image_tokens = (layers + 2) * (height // 16) * (width // 16)
+    return steps * forward_flops([image_tokens + t for t in text_lens])
+
+
+def timed_s(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run_ours(pipe, image, cond, neg, steps: int, seed: int, **common) -> None:
+    pipe(image, prompt=CAPTION, negative_prompt=NEGATIVE, prompt_embeds=cond[None], negative_prompt_embeds=neg[None],
+         num_inference_steps=steps, seed=seed, **common)
+
+
+def run_diffusers(ref, image, cond, neg, steps: int, seed: int, **common) -> None:
+    ref(image, prompt=CAPTION, prompt_embeds=cond[None], negative_prompt_embeds=neg[None], num_inference_steps=steps,
+        generator=torch.Generator(ref.device).manual_seed(seed), **common)
+
+
+def measure(pipe, ref, resolution: int, layers: int, args: argparse.Namespace, gemm: float) -> dict:
+    """One config: the floor, then each pipeline (warm-up request, then the median of ``repeat`` timed ones)."""
+    image = input_image(resolution)
+    cond, neg, _ = pipe.encode_prompts(image, CAPTION, NEGATIVE, GenerationParams(layers=layers))
+    common = dict(true_cfg_scale=CFG_SCALE, layers=layers, resolution=resolution, cfg_normalize=True)
+    flops = request_flops(image, resolution, layers, args.steps, [cond.shape[0], neg.shape[0]])
+    row = dict(resolution=resolution, layers=layers, steps=args.steps, cfg=CFG_SCALE,
+               text_tokens=[cond.shape[0], neg.shape[0]], tflop=flops / 1e12, floor_s=flops / (gemm * 1e12))
+    runs = {"ours": functools.partial(run_ours, pipe)}
+    if ref is not None:
+        runs["diffusers"] = functools.partial(run_diffusers, ref)
+    for name, run in runs.items():
+        run(image, cond, neg, args.warmup_steps, 0, **common)  # one-time costs: kernels, autotuning, allocator
+        times = [timed_s(functools.partial(run, image, cond, neg, args.steps, i, **common)) for i in range(args.repeat)]
+        seconds = statistics.median(times)
+        row.update({f"{name}_s": seconds, f"{name}_all_s": times, f"{name}_vs_floor": seconds / row["floor_s"],
+                    f"{name}_floor_pct": 100 * row["floor_s"] / seconds})
+    if ref is not None:
+        row["speedup"] = row["diffusers_s"] / row["ours_s"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", type=parse_configs, default=parse_configs("640x4,1024x4"),
+                        help="RESxLAYERS,... (default 640x4,1024x4)")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps per request (shorten for a try)")
+    parser.add_argument("--repeat", type=int, default=1, help="timed requests per pipeline and config (median)")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="steps of the untimed warm-up request")
+    parser.add_argument("--no-diffusers", action="store_true", help="time our pipeline only")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("compare.py needs a CUDA GPU")
+
+    pipe = random_pipeline()
+    ref = None if args.no_diffusers else diffusers_pipeline(pipe)
+    gemm = gemm_tflops()
+    rows = []
+    with torch.no_grad():
+        for resolution, layers in args.configs:
+            rows.append(measure(pipe, ref, resolution, layers, args, gemm))
+            print(rows[-1], flush=True)
+
+    device = torch.cuda.get_device_name()
+    write_results("compare.json", dict(args={**vars(args), "configs": args.configs}, device=device,
+                                       gemm_tflops=gemm, torch=torch.__version__, rows=rows))
+    print(f"\nend to end per request, {args.steps} steps, CFG {CFG_SCALE}, given embeddings, on {device}; "
+          f"bf16 GEMM {gemm:.0f} TFLOP/s")
+    print(f"{'config':10s} {'floor s':>8s} {'ours s':>8s} {'x floor':>8s} {'floor %':>8s} "
+          f"{'diffusers s':>11s} {'x floor':>8s} {'floor %':>8s} {'speedup':>8s}")
+    for r in rows:
+        theirs = (f"{r['diffusers_s']:11.2f} {r['diffusers_vs_floor']:8.2f} {r['diffusers_floor_pct']:8.1f} "
+                  f"{r['speedup']:7.2f}x" if "diffusers_s" in r else f"{'-':>11s}")
+        print(f"{r['resolution']}x{r['layers']:<6d} {r['floor_s']:8.2f} {r['ours_s']:8.2f} {r['ours_vs_floor']:8.2f} "
+              f"{r['ours_floor_pct']:8.1f} {theirs}")
+
+
+if __name__ == "__main__":
+    main()
