@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,6 +43,16 @@ def random_module(module_cls, config, *, component: str, device, dtype, seed: in
 def random_transformer(device="cuda", dtype=torch.bfloat16, **overrides) -> LayeredTransformer:
     return random_module(LayeredTransformer, TransformerConfig(**overrides), component="transformer",
                          device=device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class RandomTransformer:
+    """A TransformerFactory for parallel worker ranks: the same seeded random weights on every GPU."""
+
+    dtype: torch.dtype = torch.bfloat16
+
+    def __call__(self, device: torch.device) -> LayeredTransformer:
+        return random_transformer(device=device, dtype=self.dtype)
 
 
 def random_vae(device="cuda", dtype=torch.bfloat16) -> RGBAVAE:
@@ -108,6 +119,11 @@ def forward_flops(seq_lens: list[int], dim: int = 3072, blocks: int = 60) -> flo
 
 
 def write_results(name: str, results) -> None:
+    write_text(name, json.dumps(results, indent=2, default=str))
+
+
+def write_text(name: str, text: str) -> None:
+    """A file of full results under $OUT (the device tool brings that folder back); nowhere without it."""
     out = os.environ.get("OUT")
     if out:
-        Path(out, name).write_text(json.dumps(results, indent=2, default=str))
+        Path(out, name).write_text(text)

@@ -49,3 +49,21 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tiny_checkpoint, tmp_path):
     Image.new("RGBA", (32, 32)).save(good)
     done = cli("decompose", str(good), "--model", str(tiny_checkpoint), "--layers", "21", "--quiet")
     assert done.returncode == 2 and done.stderr == "error: layers must be between 1 and 20, got 21\n"
+
+
+def test_parallel_flags_make_the_parallel_config():
+    from vllm_layered.cli import build_parser, parallel_config
+    from vllm_layered.model_executor.parallel import ParallelConfig
+
+    for command in (["serve"], ["decompose", "in.png"]):
+        args = build_parser().parse_args([*command, "--cfg-parallel", "--sp-degree", "2"])
+        assert parallel_config(args) == ParallelConfig(cfg_degree=2, sp_degree=2)
+        assert parallel_config(build_parser().parse_args(command)).world_size == 1
+
+
+def test_sp_degree_that_does_not_divide_the_heads_is_refused_before_loading(tiny_checkpoint, tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGBA", (32, 32)).save(good)
+    done = cli("decompose", str(good), "--model", str(tiny_checkpoint), "--sp-degree", "3", "--quiet")
+    assert done.returncode == 2
+    assert done.stderr == "error: sp_degree 3 must divide the 2 attention heads\n"

@@ -31,7 +31,7 @@ def _decompose(args: argparse.Namespace) -> int:
         transformers.utils.logging.disable_progress_bar()
     model = args.model or default_model_path()
     dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    pipe = LayeredPipeline.from_pretrained(model, device=args.device, dtype=dtype)
+    pipe = LayeredPipeline.from_pretrained(model, device=args.device, dtype=dtype, parallel=parallel_config(args))
     with tqdm(total=args.steps, desc="denoising", unit="step", disable=args.quiet) as bar:
         result = pipe(
             image,
@@ -50,6 +50,19 @@ def _decompose(args: argparse.Namespace) -> int:
     for path in written:
         print(path)
     return 0
+
+
+def parallel_config(args: argparse.Namespace):
+    from vllm_layered.model_executor.parallel import ParallelConfig
+
+    return ParallelConfig(cfg_degree=2 if args.cfg_parallel else 1, sp_degree=args.sp_degree)
+
+
+def _add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cfg-parallel", action="store_true",
+                   help="split the CFG branches (and packed requests) over two groups of GPUs")
+    p.add_argument("--sp-degree", type=int, default=1,
+                   help="GPUs per group sharing each sequence (Ulysses sequence parallel; divides the 24 heads)")
 
 
 def _make_tiny_checkpoint(args: argparse.Namespace) -> int:
@@ -129,6 +142,7 @@ def _add_server_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to finish work on shutdown")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
+    _add_parallel_arguments(p)
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--no-access-log", action="store_true")
     p.set_defaults(func=_serve)
@@ -189,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_parallel_arguments(p)
     p.set_defaults(func=_decompose)
 
     p = sub.add_parser("make-tiny-checkpoint", help="write a random tiny model in the official folder layout")

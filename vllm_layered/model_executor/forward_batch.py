@@ -10,11 +10,15 @@ contiguous rows ``cu_seqlens[s]:cu_seqlens[s+1]`` in the order text, then image.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from vllm_layered.model_executor.rope import layer3d_positions, rope_cos_sin
+
+if TYPE_CHECKING:
+    from vllm_layered.model_executor.parallel.ulysses import UlyssesExchange
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,38 @@ class ForwardBatch:
     def num_noisy_tokens(self) -> int:
         return sum(s.noisy_tokens for s in self.layouts)
 
+    def select(self, indices: list[int]) -> ForwardBatch:
+        """The batch of sequences ``indices`` (in that order): how CFG-parallel ranks take their share."""
+        img_starts = _starts([s.image_tokens for s in self.layouts])
+        txt_starts = _starts([s.text_len for s in self.layouts])
+        images = [self.image_tokens[img_starts[i] : img_starts[i + 1]] for i in indices]
+        texts = [self.text_embeds[txt_starts[i] : txt_starts[i + 1]] for i in indices]
+        rows = torch.tensor(indices, dtype=torch.long, device=self.timesteps.device)
+        return ForwardBatch(
+            torch.cat(images) if images else self.image_tokens[:0],
+            torch.cat(texts) if texts else self.text_embeds[:0],
+            self.timesteps[rows],
+            [self.layouts[i] for i in indices],
+            self.t_cond[rows],
+        )
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + size)
+    return starts
+
+
+def _clip(spans: tuple[tuple[int, int, int], ...], lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """The parts of (stream row, joint row, length) spans whose joint rows fall in [lo, hi)."""
+    clipped = []
+    for stream_row, joint_row, n in spans:
+        start, end = max(joint_row, lo), min(joint_row + n, hi)
+        if start < end:
+            clipped.append((stream_row + start - joint_row, start, end - start))
+    return clipped
+
 
 @dataclass
 class PackedMetadata:
@@ -97,6 +133,9 @@ class PackedMetadata:
     cu_seqlens: [S+1] int32 sequence boundaries in the joint buffer (``seq_bounds``: the same on the host)
     img_cos / img_sin / txt_cos / txt_sin: [N, head_dim // 2] float32 rotation tables
     noisy_rows: [N_noisy] int64 rows of ``image_tokens`` that are noisy frames (the model output)
+    total_tokens: rows of the joint buffer this process computes
+    ulysses: set on a sequence-parallel rank (see ``shard``): attention then runs over the whole joint buffer
+        (``cu_seqlens``) with a share of the heads, after an all-to-all
     """
 
     img_seg: torch.Tensor
@@ -114,6 +153,7 @@ class PackedMetadata:
     txt_sin: torch.Tensor
     noisy_rows: torch.Tensor
     total_tokens: int
+    ulysses: UlyssesExchange | None = None
 
     @classmethod
     def build(
@@ -162,3 +202,37 @@ class PackedMetadata:
             noisy_rows=torch.cat(noisy_rows).to(device),
             total_tokens=cu[-1],
         )
+
+    def shard(self, exchange: UlyssesExchange) -> tuple[PackedMetadata, slice, slice]:
+        """This rank's part of a sequence-parallel forward: the metadata, and the image and text rows it owns.
+
+        Ranks own contiguous, near-equal ranges of the joint buffer (a range may cut a sequence anywhere).
+        Image tokens appear in the joint buffer in stream order, and so do text tokens, so a joint range is
+        one contiguous range of each stream; and the ranks' ranges laid end to end are the joint buffer, so
+        the all-to-all over heads hands every rank the whole buffer in joint order (no permutation).
+        """
+        lo, hi = exchange.row_range
+        img_spans, txt_spans = _clip(self.img_spans, lo, hi), _clip(self.txt_spans, lo, hi)
+        img = _stream_range(img_spans)
+        txt = _stream_range(txt_spans)
+        noisy = (self.noisy_rows >= img.start) & (self.noisy_rows < img.stop)
+        local = replace(
+            self,
+            img_seg=self.img_seg[img], txt_seg=self.txt_seg[txt],
+            img_rows=self.img_rows[img] - lo, txt_rows=self.txt_rows[txt] - lo,
+            img_spans=tuple((r - img.start, j - lo, n) for r, j, n in img_spans),
+            txt_spans=tuple((r - txt.start, j - lo, n) for r, j, n in txt_spans),
+            img_cos=self.img_cos[img], img_sin=self.img_sin[img],
+            txt_cos=self.txt_cos[txt], txt_sin=self.txt_sin[txt],
+            noisy_rows=self.noisy_rows[noisy] - img.start,
+            total_tokens=hi - lo,
+            ulysses=exchange,
+        )
+        return local, img, txt
+
+
+def _stream_range(clipped: list[tuple[int, int, int]]) -> slice:
+    """The stream rows covered by ``clipped`` spans (contiguous: see ``PackedMetadata.shard``)."""
+    if not clipped:
+        return slice(0, 0)
+    return slice(clipped[0][0], clipped[-1][0] + clipped[-1][2])

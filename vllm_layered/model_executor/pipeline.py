@@ -30,8 +30,9 @@ from vllm_layered.model_executor.image_processing import (
 )
 from vllm_layered.model_executor.latents import pack_latents, unpack_latents
 from vllm_layered.model_executor.models.text_encoder import PromptEncoder
-from vllm_layered.model_executor.models.transformer import LayeredTransformer
+from vllm_layered.model_executor.models.transformer import LayeredTransformer, TransformerConfig
 from vllm_layered.model_executor.models.vae import RGBAVAE
+from vllm_layered.model_executor.parallel import CheckpointTransformer, ParallelConfig, ParallelTransformer
 from vllm_layered.model_executor.sampler import SchedulerConfig, layered_mu, sigma_schedule
 
 MAX_LAYERS = 20
@@ -104,7 +105,7 @@ class LayeredPipeline:
     def __init__(
         self,
         *,
-        transformer: LayeredTransformer,
+        transformer: LayeredTransformer | ParallelTransformer,
         vae: RGBAVAE,
         prompt_encoder: PromptEncoder | None,
         scheduler_config: SchedulerConfig,
@@ -126,15 +127,26 @@ class LayeredPipeline:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         load_text_encoder: bool = True,
+        parallel: ParallelConfig | None = None,
     ) -> LayeredPipeline:
-        """Load a diffusers-layout folder (or hub repo id). Without the text encoder, pass embeddings."""
+        """Load a diffusers-layout folder (or hub repo id). Without the text encoder, pass embeddings.
+
+        ``parallel``: spread the transformer over that many processes (one GPU each, from ``device`` on).
+        """
         root = resolve_model_path(path_or_id)
         device, dtype = default_device_dtype(device, dtype)
         index = json.loads((root / "model_index.json").read_text())
         if index.get("_class_name") != PIPELINE_CLASS:
             raise ValueError(f"{root} holds a {index.get('_class_name')!r}, not a {PIPELINE_CLASS}")
+        if parallel is not None:  # refuse an impossible layout before loading anything
+            heads = TransformerConfig.from_json(root / "transformer" / "config.json").num_attention_heads
+            parallel.check(heads, device)
+        transformer = LayeredTransformer.from_pretrained(root / "transformer", device=device, dtype=dtype)
+        if parallel is not None and parallel.world_size > 1:
+            factory = CheckpointTransformer(root / "transformer", dtype)
+            transformer = ParallelTransformer.launch(transformer, factory, parallel, device)
         return cls(
-            transformer=LayeredTransformer.from_pretrained(root / "transformer", device=device, dtype=dtype),
+            transformer=transformer,
             vae=RGBAVAE.from_pretrained(root / "vae", device=device, dtype=dtype),
             prompt_encoder=PromptEncoder.from_pretrained(root, device=device, dtype=dtype)
             if load_text_encoder

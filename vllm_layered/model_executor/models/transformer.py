@@ -27,6 +27,8 @@ from vllm_layered.kernels.triton_utils import HAS_TRITON
 from vllm_layered.model_executor.forward_batch import ForwardBatch, PackedMetadata
 from vllm_layered.model_executor.weight_loader import install_weights, load_component
 
+METADATA_CACHE_SIZE = 4  # distinct packed layouts kept (the engine's running set changes now and then)
+
 
 def use_triton(x: torch.Tensor) -> bool:
     """Triton kernels on CUDA; their PyTorch references (same math) elsewhere or when disabled."""
@@ -145,7 +147,12 @@ class JointAttention(nn.Module):
             norm_rope(proj_q(x).view(heads), norm_q.weight, cos, sin, eps=norm_q.eps, out=q, out_rows=rows)
             norm_rope(proj_k(x).view(heads), norm_k.weight, cos, sin, eps=norm_k.eps, out=k, out_rows=rows)
             linear_spans(x, proj_v, spans, v.view(meta.total_tokens, -1), to_joint=True)
+        exchange = meta.ulysses
+        if exchange is not None:  # sequence parallel: every row of the joint buffer, a share of the heads
+            q, k, v = (exchange.scatter_heads(t) for t in (q, k, v))
         out = attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, backend=self.backend, bounds=meta.seq_bounds)
+        if exchange is not None:
+            out = exchange.gather_heads(out)
         out = out.view(meta.total_tokens, -1)
         img_out = linear_spans(out, self.to_out[0], meta.img_spans, img.new_empty(img.shape), to_joint=False)
         txt_out = linear_spans(out, self.to_add_out, meta.txt_spans, txt.new_empty(txt.shape), to_joint=False)
@@ -248,6 +255,7 @@ class LayeredTransformer(nn.Module):
     def __init__(self, *, config: TransformerConfig) -> None:
         super().__init__()
         self.config = config
+        self._metadata_cache: dict[tuple, PackedMetadata] = {}
         dim = config.inner_dim
         self.time_text_embed = TimeTextEmbed(config)
         self.txt_norm = RMSNorm(config.joint_attention_dim, config.eps)
@@ -258,19 +266,40 @@ class LayeredTransformer(nn.Module):
         self.proj_out = nn.Linear(dim, config.patch_size**2 * config.out_channels)
 
     def build_metadata(self, batch: ForwardBatch) -> PackedMetadata:
-        return PackedMetadata.build(
-            batch.layouts,
-            axes_dims=self.config.axes_dims_rope,
-            theta=self.config.rope_theta,
-            device=batch.image_tokens.device,
-        )
+        """The packed metadata of ``batch``'s layouts, reused while they repeat (a request's layouts are the
+        same at every step; building the RoPE tables on the host each step left the GPU idle ~10-100 ms)."""
+        key = (tuple(batch.layouts), batch.image_tokens.device)
+        meta = self._metadata_cache.pop(key, None)
+        if meta is None:
+            meta = PackedMetadata.build(
+                batch.layouts,
+                axes_dims=self.config.axes_dims_rope,
+                theta=self.config.rope_theta,
+                device=batch.image_tokens.device,
+            )
+        self._metadata_cache[key] = meta  # most recently used last
+        while len(self._metadata_cache) > METADATA_CACHE_SIZE:
+            self._metadata_cache.pop(next(iter(self._metadata_cache)))
+        return meta
 
     def forward(self, batch: ForwardBatch, meta: PackedMetadata | None = None) -> torch.Tensor:
         """Velocity prediction for the noisy tokens: [sum noisy_tokens, patch^2 * out_channels]."""
         meta = meta or self.build_metadata(batch)
-        img = self.img_in(batch.image_tokens)
-        txt = self.txt_in(self.txt_norm(batch.text_embeds))
-        temb = self.time_text_embed(batch.timesteps, batch.t_cond, img.dtype)
+        return self.run(batch.image_tokens, batch.text_embeds, batch.timesteps, batch.t_cond, meta)
+
+    def run(
+        self,
+        image_tokens: torch.Tensor,
+        text_embeds: torch.Tensor,
+        timesteps: torch.Tensor,
+        t_cond: torch.Tensor,
+        meta: PackedMetadata,
+    ) -> torch.Tensor:
+        """The forward on explicit rows; a sequence-parallel rank passes its own rows (``PackedMetadata.shard``)
+        and gets the velocity of the noisy tokens among them."""
+        img = self.img_in(image_tokens)
+        txt = self.txt_in(self.txt_norm(text_embeds))
+        temb = self.time_text_embed(timesteps, t_cond, img.dtype)
         for block in self.transformer_blocks:
             img, txt = block(img, txt, temb, meta)
         noisy = img[meta.noisy_rows]
