@@ -469,6 +469,7 @@ def build_app(
         engine, tenants=tenants, limits=limits, metrics=metrics or ServingMetrics(),
         served_model_names=served_model_names,
     )
+    api.metrics.watch_health(engine.is_healthy)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -547,6 +548,7 @@ def run_server(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
+    from vllm_layered.cli import parallel_config
     from vllm_layered.model_executor.pipeline import LayeredPipeline
     from vllm_layered.model_executor.tiny_checkpoint import DEFAULT_MODEL_DIRNAME, default_model_path
     from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig
@@ -559,7 +561,9 @@ def run_server(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout,
     )
     dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    pipeline = LayeredPipeline.from_pretrained(args.model or default_model_path(), device=args.device, dtype=dtype)
+    pipeline = LayeredPipeline.from_pretrained(
+        args.model or default_model_path(), device=args.device, dtype=dtype, parallel=parallel_config(args)
+    )
     served_names = args.served_model_name or [args.model or DEFAULT_MODEL_DIRNAME]
     config = EngineConfig(
         model_name=served_names[0],

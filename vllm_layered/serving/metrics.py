@@ -5,7 +5,8 @@ Two levels, counted separately:
 - Engine level, one count per decomposition (an n=3 API request is 3), from the EngineObserver hooks:
   ``request_success_total{tenant}``, ``request_failure_total{tenant,reason}`` (reason: cancelled,
   deadline, error, and overloaded / shutting_down for requests the engine refused), latency, queue
-  time, step time, layers per request, denoised tokens, running / waiting gauges.
+  time, step time, layers per request, denoised tokens, running / waiting gauges, and
+  ``engine_healthy`` (1/0, read at scrape time from the engine's heartbeat, as /health).
 - API level, one count per HTTP image request: ``api_requests_total{tenant,endpoint,status}``, where
   status is the HTTP status the request ended with (for a stream: the status its final event
   carries; 499 when the client went away), and ``api_rejections_total{tenant,reason}`` for requests
@@ -19,7 +20,7 @@ Calls without a valid key are counted under tenant "unauthenticated".
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -89,7 +90,16 @@ class ServingMetrics(EngineObserver):
         self.api_in_progress = Gauge(
             PREFIX + "api_requests_in_progress", "Image API requests in flight.", ["tenant"], registry=r
         )
+        self.healthy = Gauge(
+            PREFIX + "engine_healthy",
+            "1 while the engine loop is alive and stepping, 0 when it died or is stuck (what GET /health says).",
+            registry=r,
+        )
         r.register(_GpuMemoryCollector())
+
+    def watch_health(self, probe: Callable[[], bool]) -> None:
+        """Read ``engine_healthy`` from ``probe`` at every scrape."""
+        self.healthy.set_function(lambda: float(probe()))
 
     # -- engine hooks ---------------------------------------------------------------------------
 
