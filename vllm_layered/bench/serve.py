@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vllm_layered.bench.datasets import BenchRequest, load_dataset, parse_layers
-from vllm_layered.clients.client import _SSEDecoder
+from vllm_layered.clients.sse import SSEDecoder
 
 BACKENDS = ("vllm-layered", "vllm-omni")
 DEFAULT_PROMPT = "a poster with a title, a photo and a logo on a plain background"  # non-empty: no captioning
@@ -154,7 +154,7 @@ async def _stream(client: httpx.AsyncClient, record: RequestRecord, form, files,
         if response.status_code != 200:
             record.status, record.message = response.status_code, _error_message(await response.aread())
             return
-        decoder = _SSEDecoder()
+        decoder = SSEDecoder()
         async for line in response.aiter_lines():
             if (item := decoder.feed(line)) is None:
                 continue

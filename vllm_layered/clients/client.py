@@ -20,6 +20,7 @@ import openai
 from PIL import Image
 
 from vllm_layered.clients.layers import Layers
+from vllm_layered.clients.sse import SSEDecoder
 
 ImageInput = str | os.PathLike | bytes | Image.Image | BinaryIO
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -94,24 +95,6 @@ def _form(prompt: str, fields: dict[str, Any]) -> dict[str, str]:
     """Fields as multipart strings, booleans as true/false."""
     as_text = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in fields.items()}
     return {"prompt": prompt, **as_text, "stream": "true"}
-
-
-class _SSEDecoder:
-    """Server-sent events from text lines: feed lines, get (event, data) at each blank line."""
-
-    def __init__(self) -> None:
-        self._event, self._data = "message", []
-
-    def feed(self, line: str) -> tuple[str, Any] | None:
-        if line.startswith("event:"):
-            self._event = line[6:].strip()
-        elif line.startswith("data:"):
-            self._data.append(line[5:].lstrip())
-        elif not line and self._data:
-            event, data = self._event, json.loads("\n".join(self._data))
-            self._event, self._data = "message", []
-            return event, data
-        return None
 
 
 def _handle_event(event: str, data: Any, on_progress: Callable[[Progress], Any]) -> tuple[bool, Any]:
@@ -199,7 +182,7 @@ class LayeredClient:
 
 
 def _read_events(lines: Iterable[str], on_progress: Callable[[Progress], Any]) -> dict[str, Any]:
-    decoder = _SSEDecoder()
+    decoder = SSEDecoder()
     for line in lines:
         if (item := decoder.feed(line)) is not None:
             final, value = _handle_event(*item, on_progress)
@@ -257,7 +240,7 @@ class AsyncLayeredClient:
 
     async def _stream(self, image, prompt, fields, headers, on_progress) -> dict[str, Any]:
         files = {"image": _image_file(image)}
-        decoder = _SSEDecoder()
+        decoder = SSEDecoder()
         async with self._http.stream("POST", "/images/edits", data=_form(prompt, fields), files=files,
                                      headers=headers) as response:
             if response.status_code != 200:

@@ -1,4 +1,4 @@
-"""Server-sent events framing (text/event-stream)."""
+"""Server-sent events framing (text/event-stream), the server side; clients read it with clients/sse.py."""
 
 from __future__ import annotations
 
