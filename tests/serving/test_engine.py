@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from vllm_layered.model_executor.pipeline import GenerationParams, LayeredPipeline
-from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig
+from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig, request_tokens
 from vllm_layered.serving.engine.observer import EngineObserver
 from vllm_layered.serving.engine.request import (
     DeadlineExceededError,
@@ -233,3 +233,30 @@ def test_failed_preprocessing_fails_only_that_request(pipeline):
         return good
 
     assert len(run(scenario()).layers) == 1
+
+
+def test_short_request_overtakes_a_long_one_at_a_step_boundary(pipeline):
+    """With no room to pack both, the request with less remaining work takes the steps (then the long one
+    resumes from where it paused and finishes)."""
+    long, short = request("long", layers=2, steps=100, seed=1), request("short", layers=1, steps=2, seed=2)
+    budget = request_tokens(long)  # the two never fit one forward (real image tokens dwarf the text estimate)
+    finished = []
+
+    async def scenario():
+        engine = await started_engine(pipeline, token_budget=budget)
+        long_handle = engine.submit(long)
+        await wait_for(long_handle, "step")
+        short_handle = engine.submit(short)
+
+        async def done(handle, name):
+            output = await handle.result()
+            finished.append(name)
+            return output
+
+        outputs = await asyncio.gather(done(long_handle, "long"), done(short_handle, "short"))
+        await engine.shutdown(1)
+        return outputs
+
+    long_out, short_out = run(scenario())
+    assert finished == ["short", "long"]
+    assert len(long_out.layers) == 2 and len(short_out.layers) == 1

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vllm_layered.serving.engine.scheduler import FairQueue, QueueFullError
+from vllm_layered.serving.engine.scheduler import FairQueue, QueueFullError, StepCandidate, pick_step_batch
 
 
 def test_bound_is_enforced_and_nothing_is_half_added():
@@ -50,3 +50,25 @@ def test_remove_and_peek_skip_removed_entries():
     assert q.remove("a") and not q.remove("a")
     assert q.peek() == "b" and len(q) == 2
     assert q.ordered() == ["b", "c"]
+
+
+def candidate(name, *, remaining, tokens=10, priority=0, paused=0.0):
+    return StepCandidate(name, priority, remaining, tokens, paused)
+
+
+def test_step_batch_runs_least_remaining_work_first_within_the_budget():
+    running = [candidate("long", remaining=900), candidate("short", remaining=100), candidate("mid", remaining=400)]
+    assert pick_step_batch(running, token_budget=10, aging_s=30) == ["short"]
+    assert pick_step_batch(running, token_budget=25, aging_s=30) == ["short", "mid"]
+    # one request over the budget still runs (alone); smaller ones fill what is left
+    big = [candidate("huge", remaining=50, tokens=40), candidate("small", remaining=80, tokens=5)]
+    assert pick_step_batch(big, token_budget=30, aging_s=30) == ["huge"]
+    assert pick_step_batch(big[::-1], token_budget=45, aging_s=30) == ["huge", "small"]
+
+
+def test_step_batch_priority_first_and_aging_prevents_starvation():
+    running = [candidate("short", remaining=100), candidate("urgent-long", remaining=900, priority=1)]
+    assert pick_step_batch(running, token_budget=10, aging_s=30) == ["urgent-long"]
+    fresh_short = candidate("short", remaining=100)
+    assert pick_step_batch([fresh_short, candidate("long", remaining=900, paused=60)], 10, 30) == ["short"]
+    assert pick_step_batch([fresh_short, candidate("long", remaining=900, paused=300)], 10, 30) == ["long"]

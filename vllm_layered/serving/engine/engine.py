@@ -7,8 +7,10 @@ Threads and what runs where:
 - the aux thread (its own CUDA stream): preprocessing (image -> condition latents, prompt ->
   embeddings, auto-captions) and VAE decoding, so they overlap with denoising instead of stalling it.
 
-Requests join the running set between steps when their tokens fit the budget, and leave it when
-they finish, are cancelled or pass their deadline; memory of a leaving request is dropped at once.
+Requests join the running set between steps (admitted in weighted-fair order while their tokens fit
+twice the budget of one forward); each step takes those with the least remaining work that fit the
+budget (scheduler.pick_step_batch). They leave when they finish, are cancelled or pass their deadline;
+memory of a leaving request is dropped at once.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from vllm_layered.serving.engine.request import (
     RequestOutput,
     RequestStatus,
 )
-from vllm_layered.serving.engine.scheduler import FairQueue, QueueFullError
+from vllm_layered.serving.engine.scheduler import FairQueue, QueueFullError, StepCandidate, pick_step_batch
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +53,16 @@ ACTIVATION_BYTES_PER_TOKEN_PER_CHANNEL = 48  # peak activation bytes of one toke
 # packed request wait for the others. So the default budget packs small requests together and runs
 # large ones (nearly) alone.
 SATURATING_TOKENS = 32768
+# Admitted requests may hold this many forwards' worth of tokens: the next ones are preprocessed while
+# others denoise, and a short request can overtake a long one at a step boundary (pick_step_batch).
+ADMISSION_FACTOR = 2
 
 
 @dataclass
 class EngineConfig:
     """max_waiting bounds the queue; token_budget bounds the tokens of one packed forward (None: on a GPU
-    the smaller of SATURATING_TOKENS and what free memory allows); a request larger than it runs alone."""
+    the smaller of SATURATING_TOKENS and what free memory allows); a request larger than it runs alone.
+    aging_s: a request passed over for that long counts its remaining work half (see pick_step_batch)."""
 
     model_name: str = "Qwen/Qwen-Image-Layered"
     max_waiting: int = 256
@@ -64,12 +70,15 @@ class EngineConfig:
     token_budget: int | None = None
     tenant_weights: dict[str, float] = field(default_factory=dict)
     stuck_after_s: float = 600.0
+    aging_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_waiting < 1 or self.max_running < 1:
             raise ValueError("max_waiting and max_running must be positive")
         if self.token_budget is not None and self.token_budget < 1:
             raise ValueError(f"token_budget must be positive, got {self.token_budget}")
+        if self.aging_s <= 0:
+            raise ValueError(f"aging_s must be positive, got {self.aging_s}")
 
 
 def default_token_budget(pipeline: LayeredPipeline) -> int:
@@ -251,7 +260,8 @@ class AsyncLayeredEngine:
             while len(self._waiting) and self.num_running < self.config.max_running:
                 entry = self._requests[self._waiting.peek()]
                 busy = self.num_running > 0
-                if busy and self._running_tokens() + request_tokens(entry.request) > self.token_budget:
+                window = ADMISSION_FACTOR * self.token_budget
+                if busy and self._running_tokens() + request_tokens(entry.request) > window:
                     break
                 self._waiting.pop()
                 entry.status = RequestStatus.PREPROCESSING
@@ -281,11 +291,21 @@ class AsyncLayeredEngine:
                 continue
             entry.state, entry.prompt = future.result()
             entry.status = RequestStatus.DENOISING
-            entry.denoise_start = time.monotonic()
+            entry.denoise_start = entry.last_step = time.monotonic()
             self._running.append(entry)
 
+    def _pick_batch(self) -> list[EngineRequest]:
+        now = time.monotonic()
+        candidates = []
+        for entry in self._running:
+            state = entry.state
+            tokens = sum(layout.total_tokens for layout in state.layouts())
+            candidates.append(StepCandidate(entry, entry.request.priority, (state.num_steps - state.step) * tokens,
+                                            tokens, now - entry.last_step))
+        return pick_step_batch(candidates, self.token_budget, self.config.aging_s)
+
     def _step(self) -> None:
-        batch = list(self._running)
+        batch = self._pick_batch()
         states = [e.state for e in batch]
         start = time.monotonic()
         try:
@@ -299,7 +319,10 @@ class AsyncLayeredEngine:
                     self._end(entry, RequestStatus.FAILED, EngineError(f"denoising failed: {exc}"))
             return
         tokens = sum(layout.total_tokens for s in states for layout in s.layouts())
-        self.observer.on_step(time.monotonic() - start, len(batch), tokens)
+        now = time.monotonic()
+        self.observer.on_step(now - start, len(batch), tokens)
+        for entry in batch:
+            entry.last_step = now
         finished = [e for e in batch if e.state.done]
         with self._lock:  # leave the running set before anything can report the outcome
             self._running = [e for e in self._running if all(e is not f for f in finished)]

@@ -134,6 +134,7 @@ class EngineRequest:
     start_time: float | None = None
     denoise_start: float | None = None
     decode_start: float | None = None
+    last_step: float = 0.0  # when it last took a denoising step (or became ready to)
     cancel_requested: bool = False
 
     @property

@@ -1,4 +1,5 @@
-"""Admission order for waiting requests: priority, then weighted fair share between tenants.
+"""Who runs: admission order for waiting requests (priority, then weighted fair share between tenants),
+and which admitted requests take each denoising step (``pick_step_batch``).
 
 Pure Python, no torch. Weighted fair queueing with virtual finish tags: a request of cost ``c`` from a
 tenant of weight ``w`` gets the tag ``max(V, last_tag[tenant]) + c / w`` where V is the tag of the
@@ -82,3 +83,34 @@ class FairQueue:
     def _drop_removed(self) -> None:
         while self._heap and self._heap[0].removed:
             heapq.heappop(self._heap)
+
+
+@dataclass(frozen=True)
+class StepCandidate:
+    """An admitted request as the step scheduler sees it. ``paused_s``: since it last took a step."""
+
+    item: Hashable
+    priority: int
+    remaining_work: float
+    tokens: int
+    paused_s: float
+
+
+def pick_step_batch(candidates: list[StepCandidate], token_budget: int, aging_s: float) -> list[Hashable]:
+    """The requests that take the next step: by priority, then least remaining work first (shortest
+    remaining processing time: when one request already fills the GPU, running the shortest first lowers
+    everyone's latency and costs no throughput), greedily within ``token_budget`` (the first always runs).
+
+    Remaining work is divided by ``1 + paused_s / aging_s``, so a long request that keeps being overtaken
+    gains ground and cannot starve.
+    """
+    def key(c: StepCandidate) -> tuple[int, float]:
+        return -c.priority, c.remaining_work / (1 + c.paused_s / aging_s)
+
+    batch, tokens = [], 0
+    for c in sorted(candidates, key=key):
+        if batch and tokens + c.tokens > token_budget:
+            continue
+        batch.append(c.item)
+        tokens += c.tokens
+    return batch
