@@ -13,11 +13,18 @@ row-wise; ours are [noisy_tokens, 64] for every request, so requests of any shap
 the velocity rows we return line up with them. vLLM-Omni's step scheduler batches requests whose
 sampling key matches (size, CFG settings; ``layers`` is not part of it), so requests of different
 layer counts share a step there.
+
+A finished request's output is vLLM-Omni's output envelope: ``payload["image"]`` holds one list of
+RGBA layers (bottom first), ``metadata[METADATA_KEY]`` what our server reports besides the layers
+(the prompt used, i.e. the caption of an empty prompt, and the phase timings); our
+``/v1/images/edits`` route (images_edits.py) reads both.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +38,8 @@ from vllm_layered.model_executor.image_processing import bucket_size, load_image
 from vllm_layered.model_executor.pipeline import GenerationParams, LayeredPipeline
 
 STATE_KEY = "vllm_layered"
+RECORD_KEY = "vllm_layered_record"
+METADATA_KEY = "vllm_layered"  # our group in the output envelope's metadata
 DEFAULT_NEGATIVE_PROMPT = " "  # the official app's: CFG on unless the request turns it off
 DEFAULT_TRUE_CFG_SCALE = 4.0
 DEFAULT_STEPS = 50
@@ -85,6 +94,25 @@ def request_generator(sampling: Any) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(torch.seed())
 
 
+@dataclass
+class RequestRecord:
+    """The prompt a request used and when its phases began: ``started_at`` is wall-clock time (the
+    API process, on the same host, subtracts its arrival time from it); the rest are perf_counter()."""
+
+    prompt: str
+    started_at: float
+    preprocess_start: float
+    denoise_start: float
+
+    def metadata(self, decode_start: float, decode_end: float) -> dict[str, Any]:
+        timings = {
+            "preprocess_s": self.denoise_start - self.preprocess_start,
+            "denoise_s": decode_start - self.denoise_start,
+            "decode_s": decode_end - decode_start,
+        }
+        return {"prompt": self.prompt, "started_at": self.started_at, "timings": timings}
+
+
 def get_layered_pre_process_func(od_config: OmniDiffusionConfig):
     """vLLM-Omni's pre-process hook: runs in the engine process before scheduling, so a bad request
     (no image, bad layers / resolution / steps) is refused before it takes a batch slot."""
@@ -131,41 +159,52 @@ class OmniLayeredPipeline(nn.Module):
 
     # -- shared by both modes -------------------------------------------------------------------
 
-    def _prepare(self, prompt: Any, sampling: Any) -> DenoiseState:
+    def _prepare(self, prompt: Any, sampling: Any) -> tuple[DenoiseState, RequestRecord]:
+        started_at, preprocess_start = time.time(), time.perf_counter()
         params = generation_params(sampling)
         image = request_image(prompt)
         text, negative = request_prompts(prompt)
-        cond, neg, _ = self.layered.encode_prompts(image, text, negative, params)
-        return self.layered.prepare(image, params, cond, neg, generator=request_generator(sampling))
+        cond, neg, used_prompt = self.layered.encode_prompts(image, text, negative, params)
+        state = self.layered.prepare(image, params, cond, neg, generator=request_generator(sampling))
+        record = RequestRecord(used_prompt, started_at, preprocess_start, denoise_start=time.perf_counter())
+        return state, record
 
     def _guided_velocity(self, states: Sequence[DenoiseState]) -> list[torch.Tensor]:
         """One packed forward over ``states``; per state its CFG-combined velocity [noisy_tokens, 64]."""
         states = list(states)
         return guided_velocities(states, self.transformer(build_forward_batch(states, self.layered.dtype)))
 
-    def _output(self, state: DenoiseState, output_type: str | None) -> DiffusionOutput:
+    def _output(self, state: DenoiseState, record: RequestRecord, output_type: str | None) -> DiffusionOutput:
         if output_type == "latent":
             return DiffusionOutput(output=state.latents)
-        # one list per request, bottom layer first: vLLM-Omni's image endpoints flatten it into one
-        # data entry per layer
-        return DiffusionOutput(output=[self.layered.decode(state)])
+        decode_start = time.perf_counter()
+        layers = self.layered.decode(state)
+        # one list per request, bottom layer first: vLLM-Omni's other image endpoints flatten it into
+        # one data entry per layer
+        metadata = {METADATA_KEY: record.metadata(decode_start, time.perf_counter())}
+        return DiffusionOutput(output={"payload": {"image": [layers]}, "metadata": metadata})
 
     # -- request mode ---------------------------------------------------------------------------
 
     @torch.no_grad()
     def forward(self, req) -> list[DiffusionOutput]:
         """Whole requests; their steps are packed together (requests may differ in every setting)."""
-        states = [self._prepare(r.prompt, r.sampling_params) for r in req.requests]
+        prepared = [self._prepare(r.prompt, r.sampling_params) for r in req.requests]
+        states = [state for state, _ in prepared]
         while active := [s for s in states if not s.done]:
             for state, v in zip(active, self._guided_velocity(active)):
                 advance(state, v)
-        return [self._output(state, r.sampling_params.output_type) for state, r in zip(states, req.requests)]
+        return [
+            self._output(state, record, r.sampling_params.output_type)
+            for (state, record), r in zip(prepared, req.requests)
+        ]
 
     # -- step mode ------------------------------------------------------------------------------
 
     def prepare_encode(self, state, **kwargs: Any):
-        layered = self._prepare(state.prompt, state.sampling)
+        layered, record = self._prepare(state.prompt, state.sampling)
         state.extra[STATE_KEY] = layered
+        state.extra[RECORD_KEY] = record
         state.latents = layered.latents
         state.timesteps = layered.sigmas[:-1] * 1000  # one entry per step: vLLM-Omni counts steps from it
         state.step_index = 0
@@ -192,4 +231,4 @@ class OmniLayeredPipeline(nn.Module):
 
     def post_decode(self, state, **kwargs: Any) -> DiffusionOutput:
         output_type = kwargs.get("output_type") or state.sampling.output_type
-        return self._output(state.extra[STATE_KEY], output_type)
+        return self._output(state.extra[STATE_KEY], state.extra[RECORD_KEY], output_type)
