@@ -1,19 +1,13 @@
 """Kernel tests: Triton's CPU interpreter where there is no GPU, compiled kernels where there is one.
 
-TRITON_INTERPRET is read when a kernel is decorated, so it is set here, before any kernel module (or
-Triton) is imported. `import torch` does not import Triton.
+TRITON_INTERPRET is read when a kernel is decorated, so tests/conftest.py sets it before anything imports
+a kernel module.
 """
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from vllm_layered.kernels.triton_utils import HAS_TRITON, interpreting  # noqa: E402
+from vllm_layered.kernels.triton_utils import HAS_TRITON, interpreting
 
 
 def _fix_interpreter_bf16() -> None:
