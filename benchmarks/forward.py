@@ -2,9 +2,12 @@
 
 A CFG step is a conditional and an unconditional forward. diffusers runs them as two forwards (as its
 pipeline does); we pack both sequences into one forward. Every figure is next to the bf16 GEMM rate
-measured in the same run and the DESIGN.md cost model.
+measured in the same run and the DESIGN.md cost model. The FP8 rows (quantization="fp8", sm89+) run a
+second transformer sharing the bf16 one's unquantized tensors, on the same inputs; their velocity is
+compared with ours in bf16 ("+fa": torch._scaled_mm's fast accumulation).
 
     python benchmarks/forward.py [--shapes 640x4,640x2,640x8,1024x4] [--backends auto,triton,sdpa:cudnn]
+                                 [--fp8-backends auto] (an empty list skips FP8)
 """
 
 from __future__ import annotations
@@ -25,7 +28,11 @@ from benchmarks.common import (  # noqa: E402
     random_transformer,
     write_results,
 )
+from vllm_layered.kernels.fp8 import fp8_gemm, quantize_rows_ref  # noqa: E402
 from vllm_layered.model_executor.forward_batch import ForwardBatch, SequenceLayout  # noqa: E402
+from vllm_layered.model_executor.models.fp8_linear import Fp8Linear, quantize_fp8  # noqa: E402
+from vllm_layered.model_executor.models.transformer import LayeredTransformer  # noqa: E402
+from vllm_layered.model_executor.weight_loader import install_weights  # noqa: E402
 
 COND_TEXT, UNCOND_TEXT = 200, 6  # a ~200-token caption; the negative prompt " " leaves 6 tokens
 
@@ -63,7 +70,31 @@ def set_backend(model, backend: str) -> None:
         block.attn.backend = backend
 
 
-def bench_shape(shape: str, ours, ref, gen, gemm: float, args, rows: list) -> dict:
+def fp8_transformer_sharing(ours: LayeredTransformer) -> LayeredTransformer:
+    """A second transformer holding ``ours``' tensors (no copy) with its FP8 layers swapped in: only the e4m3
+    weights are new memory (~13.6 GB at full size)."""
+    with torch.device("meta"):
+        fp8 = LayeredTransformer(config=ours.config)
+    install_weights(fp8, ours.state_dict().items(), component="transformer")
+    quantize_fp8(fp8)
+    return fp8.eval()
+
+
+def set_fast_accum(model, fast_accum: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, Fp8Linear):
+            module.fast_accum = fast_accum
+
+
+def fp8_gemm_tflops(n: int = 8192) -> float:
+    """Dense e4m3 GEMM rate with row-wise scales and a bf16 output, as the FP8 layers run it."""
+    xq, x_scale = quantize_rows_ref(torch.randn(n, n, device="cuda"))
+    wq, w_scale = quantize_rows_ref(torch.randn(n, n, device="cuda"))
+    ms = bench_ms(lambda: fp8_gemm(xq, x_scale, wq, w_scale), warmup=5, repeat=20)
+    return 2 * n**3 / ms / 1e9
+
+
+def bench_shape(shape: str, ours, ref, fp8, gen, gemm: float, args, rows: list) -> dict:
     res, layers = (int(x) for x in shape.split("x"))
     side = res // 16
     layouts = [SequenceLayout(COND_TEXT, layers, side, side), SequenceLayout(UNCOND_TEXT, layers, side, side)]
@@ -93,6 +124,20 @@ def bench_shape(shape: str, ours, ref, gen, gemm: float, args, rows: list) -> di
             except Exception as exc:  # one backend failing must not hide the others
                 print(f"{shape} {backend}: FAILED {type(exc).__name__}: {exc}", flush=True)
                 entry["ms"][f"ours packed [{backend}]"] = f"failed: {exc}"
+        for backend in args.fp8_backends.split(",") if fp8 is not None and args.fp8_backends else ():
+            set_backend(ours, backend)
+            set_backend(fp8, backend)
+            for fast_accum in (False, True):
+                name = f"ours fp8{'+fa' if fast_accum else ''} [{backend}]"
+                set_fast_accum(fp8, fast_accum)
+                try:
+                    bf16_out = ours(batch).float()  # the same inputs through ours in bf16
+                    err = ((fp8(batch).float() - bf16_out).norm() / bf16_out.norm()).item()
+                    entry.setdefault("rel_err_fp8_vs_bf16", {})[name] = err
+                    report(name, bench_ms(lambda: fp8(batch), repeat=args.repeat))
+                except Exception as exc:
+                    print(f"{shape} {name}: FAILED {type(exc).__name__}: {exc}", flush=True)
+                    entry["ms"][name] = f"failed: {exc}"
     return entry
 
 
@@ -100,6 +145,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shapes", default="640x4,640x2,640x8,1024x4", help="resolution x layers, comma separated")
     parser.add_argument("--backends", default="sdpa,sdpa:cudnn,sdpa:flash,triton")
+    parser.add_argument("--fp8-backends", default="auto",
+                        help="attention backends for the FP8 rows, comma separated ('' skips FP8)")
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
@@ -113,9 +160,16 @@ def main() -> None:
     ref = None if args.no_diffusers else diffusers_transformer_sharing(ours)
     gen = torch.Generator("cuda").manual_seed(0)
     rows, results = [], {"gemm_tflops": gemm, "device": torch.cuda.get_device_name(), "shapes": []}
+    fp8 = None
+    if args.fp8_backends and torch.cuda.get_device_capability() >= (8, 9):
+        results["fp8_gemm_tflops"] = fp8_gemm_tflops()
+        print(f"fp8 GEMM (row-wise scales) {results['fp8_gemm_tflops']:.0f} TFLOP/s", flush=True)
+        fp8 = fp8_transformer_sharing(ours)
+    elif args.fp8_backends:
+        print("fp8 skipped: needs compute capability 8.9+", flush=True)
 
     for shape in args.shapes.split(","):
-        results["shapes"].append(bench_shape(shape, ours, ref, gen, gemm, args, rows))
+        results["shapes"].append(bench_shape(shape, ours, ref, fp8, gen, gemm, args, rows))
         torch.cuda.empty_cache()
 
     write_results("forward.json", results)
@@ -127,6 +181,9 @@ def main() -> None:
         if "rel_err_vs_diffusers" in entry:
             print(entry["shape"], "rel err vs diffusers (bf16):",
                   {k: f"{v:.2e}" for k, v in entry["rel_err_vs_diffusers"].items()})
+        if "rel_err_fp8_vs_bf16" in entry:
+            print(entry["shape"], "rel err fp8 vs ours bf16:",
+                  {k: f"{v:.2e}" for k, v in entry["rel_err_fp8_vs_bf16"].items()})
 
 
 if __name__ == "__main__":

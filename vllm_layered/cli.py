@@ -31,7 +31,9 @@ def _decompose(args: argparse.Namespace) -> int:
         transformers.utils.logging.disable_progress_bar()
     model = args.model or default_model_path()
     dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    pipe = LayeredPipeline.from_pretrained(model, device=args.device, dtype=dtype, parallel=parallel_config(args))
+    pipe = LayeredPipeline.from_pretrained(
+        model, device=args.device, dtype=dtype, parallel=parallel_config(args), quantization=quantization(args)
+    )
     with tqdm(total=args.steps, desc="denoising", unit="step", disable=args.quiet) as bar:
         result = pipe(
             image,
@@ -56,6 +58,17 @@ def parallel_config(args: argparse.Namespace):
     from vllm_layered.model_executor.parallel import ParallelConfig
 
     return ParallelConfig(cfg_degree=2 if args.cfg_parallel else 1, sp_degree=args.sp_degree)
+
+
+def quantization(args: argparse.Namespace) -> str | None:
+    """The transformer's quantization from --quantization (None for "none")."""
+    return None if args.quantization == "none" else args.quantization
+
+
+def _add_quantization_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantization", default="none", choices=("none", "fp8"),
+                   help="fp8: e4m3 weights and per-token activations for the transformer's big linears "
+                        "(needs an FP8 GPU: compute capability 8.9+, e.g. H100/H200; use with bf16)")
 
 
 def _add_parallel_arguments(p: argparse.ArgumentParser) -> None:
@@ -143,6 +156,7 @@ def _add_server_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
     _add_parallel_arguments(p)
+    _add_quantization_argument(p)
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--no-access-log", action="store_true")
     p.set_defaults(func=_serve)
@@ -204,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_parallel_arguments(p)
+    _add_quantization_argument(p)
     p.set_defaults(func=_decompose)
 
     p = sub.add_parser("make-tiny-checkpoint", help="write a random tiny model in the official folder layout")

@@ -238,12 +238,12 @@ def test_failed_preprocessing_fails_only_that_request(pipeline):
 def test_short_request_overtakes_a_long_one_at_a_step_boundary(pipeline):
     """With no room to pack both, the request with less remaining work takes the steps (then the long one
     resumes from where it paused and finishes)."""
-    long, short = request("long", layers=2, steps=100, seed=1), request("short", layers=1, steps=2, seed=2)
+    long, short = request("long", layers=1, steps=40, seed=1), request("short", layers=1, steps=2, seed=2)
     budget = request_tokens(long)  # the two never fit one forward (real image tokens dwarf the text estimate)
-    finished = []
+    finished, recorder = [], Recorder()
 
     async def scenario():
-        engine = await started_engine(pipeline, token_budget=budget)
+        engine = await started_engine(pipeline, recorder, token_budget=budget)
         long_handle = engine.submit(long)
         await wait_for(long_handle, "step")
         short_handle = engine.submit(short)
@@ -259,4 +259,5 @@ def test_short_request_overtakes_a_long_one_at_a_step_boundary(pipeline):
 
     long_out, short_out = run(scenario())
     assert finished == ["short", "long"]
-    assert len(long_out.layers) == 2 and len(short_out.layers) == 1
+    assert max(recorder.steps) == 1 and sum(recorder.steps) == 42  # never packed: the short one overtook
+    assert len(long_out.layers) == len(short_out.layers) == 1

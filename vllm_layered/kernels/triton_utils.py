@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
+import torch
+
 try:
     import triton
     import triton.language as tl
@@ -72,3 +74,9 @@ def row_settings(n: int) -> tuple[int, int]:
     elif block >= 2048:
         num_warps = 8
     return block, num_warps
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Triton kernels on CUDA; their PyTorch references (same math) elsewhere or when disabled
+    (VLLM_LAYERED_TRITON=0)."""
+    return x.is_cuda and HAS_TRITON and os.environ.get("VLLM_LAYERED_TRITON", "1") != "0"

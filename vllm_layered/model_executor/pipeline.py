@@ -128,10 +128,12 @@ class LayeredPipeline:
         dtype: torch.dtype | None = None,
         load_text_encoder: bool = True,
         parallel: ParallelConfig | None = None,
+        quantization: str | None = None,
     ) -> LayeredPipeline:
         """Load a diffusers-layout folder (or hub repo id). Without the text encoder, pass embeddings.
 
         ``parallel``: spread the transformer over that many processes (one GPU each, from ``device`` on).
+        ``quantization``: None / "none", or "fp8" for the transformer (every rank quantizes the same way).
         """
         root = resolve_model_path(path_or_id)
         device, dtype = default_device_dtype(device, dtype)
@@ -141,9 +143,11 @@ class LayeredPipeline:
         if parallel is not None:  # refuse an impossible layout before loading anything
             heads = TransformerConfig.from_json(root / "transformer" / "config.json").num_attention_heads
             parallel.check(heads, device)
-        transformer = LayeredTransformer.from_pretrained(root / "transformer", device=device, dtype=dtype)
+        transformer = LayeredTransformer.from_pretrained(
+            root / "transformer", device=device, dtype=dtype, quantization=quantization
+        )
         if parallel is not None and parallel.world_size > 1:
-            factory = CheckpointTransformer(root / "transformer", dtype)
+            factory = CheckpointTransformer(root / "transformer", dtype, quantization)
             transformer = ParallelTransformer.launch(transformer, factory, parallel, device)
         return cls(
             transformer=transformer,

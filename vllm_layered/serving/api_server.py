@@ -548,7 +548,7 @@ def run_server(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from vllm_layered.cli import parallel_config
+    from vllm_layered.cli import parallel_config, quantization
     from vllm_layered.model_executor.pipeline import LayeredPipeline
     from vllm_layered.model_executor.tiny_checkpoint import DEFAULT_MODEL_DIRNAME, default_model_path
     from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig
@@ -562,7 +562,8 @@ def run_server(args: argparse.Namespace) -> int:
     )
     dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     pipeline = LayeredPipeline.from_pretrained(
-        args.model or default_model_path(), device=args.device, dtype=dtype, parallel=parallel_config(args)
+        args.model or default_model_path(), device=args.device, dtype=dtype, parallel=parallel_config(args),
+        quantization=quantization(args),
     )
     served_names = args.served_model_name or [args.model or DEFAULT_MODEL_DIRNAME]
     config = EngineConfig(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,16 +22,20 @@ from torch import nn
 
 from vllm_layered.kernels import adaln, qk_norm_rope
 from vllm_layered.kernels.attention import attention
-from vllm_layered.kernels.triton_utils import HAS_TRITON
+from vllm_layered.kernels.triton_utils import use_triton
 from vllm_layered.model_executor.forward_batch import ForwardBatch, PackedMetadata
+from vllm_layered.model_executor.models.fp8_linear import (
+    Fp8Linear,
+    Fp8Rows,
+    check_quantization,
+    fp8_input,
+    quantize_activation,
+    quantize_fp8,
+)
 from vllm_layered.model_executor.weight_loader import install_weights, load_component
 
 METADATA_CACHE_SIZE = 4  # distinct packed layouts kept (the engine's running set changes now and then)
 
-
-def use_triton(x: torch.Tensor) -> bool:
-    """Triton kernels on CUDA; their PyTorch references (same math) elsewhere or when disabled."""
-    return x.is_cuda and HAS_TRITON and os.environ.get("VLLM_LAYERED_TRITON", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,8 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([_GELUProj(dim, hidden), nn.Identity(), nn.Linear(hidden, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.net[2], Fp8Linear):  # FP8: GELU fused into the quantization of net.2's input
+            return self.net[2](quantize_activation(self.net[0].proj(x), gelu=True))
         return self.net[2](self.net[0](x))
 
 
@@ -107,7 +112,8 @@ class _GELUProj(nn.Module):
         self.proj = nn.Linear(dim, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:  # GELU in the GEMM epilogue (cuBLASLt's GELU is the tanh form): one pass less over 4C
+        # GELU in the GEMM epilogue (cuBLASLt's GELU is the tanh form): one pass less over 4C
+        if x.is_cuda and isinstance(self.proj, nn.Linear):
             return torch._addmm_activation(self.proj.bias, x, self.proj.weight.t(), use_gelu=True)
         return F.gelu(self.proj(x), approximate="tanh")
 
@@ -144,6 +150,7 @@ class JointAttention(nn.Module):
              (self.norm_added_q, self.norm_added_k), (meta.txt_cos, meta.txt_sin)),
         )
         for x, rows, spans, (proj_q, proj_k, proj_v), (norm_q, norm_k), (cos, sin) in streams:
+            x = fp8_input(x, proj_q, proj_k, proj_v)  # FP8: the rows quantized once for Q, K and V
             norm_rope(proj_q(x).view(heads), norm_q.weight, cos, sin, eps=norm_q.eps, out=q, out_rows=rows)
             norm_rope(proj_k(x).view(heads), norm_k.weight, cos, sin, eps=norm_k.eps, out=k, out_rows=rows)
             linear_spans(x, proj_v, spans, v.view(meta.total_tokens, -1), to_joint=True)
@@ -154,19 +161,28 @@ class JointAttention(nn.Module):
         if exchange is not None:
             out = exchange.gather_heads(out)
         out = out.view(meta.total_tokens, -1)
+        out = fp8_input(out, self.to_out[0], self.to_add_out)  # FP8: quantized once for both projections
         img_out = linear_spans(out, self.to_out[0], meta.img_spans, img.new_empty(img.shape), to_joint=False)
         txt_out = linear_spans(out, self.to_add_out, meta.txt_spans, txt.new_empty(txt.shape), to_joint=False)
         return img_out, txt_out
 
 
 def linear_spans(
-    x: torch.Tensor, linear: nn.Linear, spans: tuple[tuple[int, int, int], ...], out: torch.Tensor, *, to_joint: bool
+    x: torch.Tensor | Fp8Rows,
+    linear: nn.Linear | Fp8Linear,
+    spans: tuple[tuple[int, int, int], ...],
+    out: torch.Tensor,
+    *,
+    to_joint: bool,
 ) -> torch.Tensor:
     """``linear`` applied span by span between a stream and the joint buffer, each GEMM writing straight
     into its rows of ``out`` (no gather/scatter pass). Spans: (stream row, joint row, length)."""
     for stream_row, joint_row, n in spans:
         src, dst = (stream_row, joint_row) if to_joint else (joint_row, stream_row)
-        torch.addmm(linear.bias, x[src : src + n], linear.weight.t(), out=out[dst : dst + n])
+        if isinstance(linear, Fp8Linear):
+            linear.addmm_into(x[src : src + n], out[dst : dst + n])
+        else:
+            torch.addmm(linear.bias, x[src : src + n], linear.weight.t(), out=out[dst : dst + n])
     return out
 
 
@@ -310,9 +326,19 @@ class LayeredTransformer(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
+        cls,
+        folder: str | Path,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+        quantization: str | None = None,
     ) -> LayeredTransformer:
-        """Build on the meta device and stream a diffusers ``transformer/`` folder onto ``device``."""
+        """Build on the meta device and stream a diffusers ``transformer/`` folder onto ``device``.
+
+        ``quantization``: None / "none", or "fp8" (e4m3 weights and per-token activations for the blocks' big
+        linears, see fp8_linear.py); checked before anything loads.
+        """
+        quantization = check_quantization(quantization, device, dtype)
         folder = Path(folder)
         config = TransformerConfig.from_json(folder / "config.json")
         with torch.device("meta"):
@@ -320,4 +346,6 @@ class LayeredTransformer(nn.Module):
         load_component(
             model, folder, stem="diffusion_pytorch_model", device=device, dtype=dtype, component="transformer"
         )
+        if quantization == "fp8":
+            quantize_fp8(model)
         return model.eval()

@@ -32,13 +32,17 @@ TransformerFactory = Callable[[torch.device], LayeredTransformer]
 
 @dataclass(frozen=True)
 class CheckpointTransformer:
-    """A TransformerFactory for the worker ranks: each loads the same diffusers ``transformer/`` folder."""
+    """A TransformerFactory for the worker ranks: each loads the same diffusers ``transformer/`` folder, quantized
+    as rank 0's copy is (``quantization``: None or "fp8")."""
 
     folder: Path
     dtype: torch.dtype
+    quantization: str | None = None
 
     def __call__(self, device: torch.device) -> LayeredTransformer:
-        return LayeredTransformer.from_pretrained(self.folder, device=device, dtype=self.dtype)
+        return LayeredTransformer.from_pretrained(
+            self.folder, device=device, dtype=self.dtype, quantization=self.quantization
+        )
 
 
 def split_sequences(layouts: list[SequenceLayout], groups: int) -> list[list[int]]:

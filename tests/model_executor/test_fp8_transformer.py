@@ -1,0 +1,123 @@
+"""quantization="fp8" on the tiny checkpoint: the velocity stays close to bf16, the right layers are converted, the
+option travels through the pipeline, the parallel factory and the CLI, and bad requests fail before loading."""
+
+import pytest
+import torch
+from torch import nn
+
+from vllm_layered.cli import build_parser, quantization
+from vllm_layered.kernels.fp8 import FP8_DTYPE
+from vllm_layered.model_executor.forward_batch import ForwardBatch, SequenceLayout
+from vllm_layered.model_executor.models.fp8_linear import FP8_LAYERS, Fp8Linear, check_quantization, quantize_fp8
+from vllm_layered.model_executor.models.transformer import LayeredTransformer
+from vllm_layered.model_executor.parallel import CheckpointTransformer
+from vllm_layered.model_executor.pipeline import LayeredPipeline
+
+LAYOUTS = [SequenceLayout(text_len=9, layers=3, height=4, width=6), SequenceLayout(text_len=3, layers=3, height=4,
+                                                                                     width=6)]
+KEPT_BF16 = ("img_in", "txt_in", "proj_out", "norm_out.linear", "time_text_embed.timestep_embedder.linear_1",
+             "time_text_embed.timestep_embedder.linear_2")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def models(tiny_checkpoint):
+    folder = tiny_checkpoint / "transformer"
+    bf16 = LayeredTransformer.from_pretrained(folder, dtype=torch.bfloat16)
+    fp8 = LayeredTransformer.from_pretrained(folder, dtype=torch.bfloat16, quantization="fp8")
+    return bf16, fp8
+
+
+def make_batch(layouts: list[SequenceLayout], seed: int, sigmas: list[float]) -> ForwardBatch:
+    gen = torch.Generator().manual_seed(seed)
+    img = torch.randn(sum(s.image_tokens for s in layouts), 64, generator=gen)
+    txt = torch.randn(sum(s.text_len for s in layouts), 64, generator=gen)
+    return ForwardBatch(img.bfloat16(), txt.bfloat16(), torch.tensor(sigmas), layouts)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("seed, sigmas", [(0, [0.9, 0.9]), (1, [0.5, 0.2]), (2, [0.05, 1.0])])
+def test_fp8_velocity_close_to_bf16(models, seed, sigmas):
+    """Measured relative error of the velocity on the tiny model: 0.03-0.04; bound 0.1."""
+    bf16, fp8 = models
+    batch = make_batch(LAYOUTS, seed, sigmas)
+    expected, got = bf16(batch), fp8(batch)
+    assert got.shape == expected.shape == (sum(s.noisy_tokens for s in LAYOUTS), 64)
+    assert got.dtype == torch.bfloat16
+    assert torch.isfinite(got).all()
+    assert rel_err(got, expected) < 0.1
+
+
+@torch.no_grad()
+def test_fp8_packed_matches_separate_forwards(models):
+    """Per-token scales keep sequences independent: packing them changes nothing beyond GEMM blocking (0 on CPU)."""
+    _, fp8 = models
+    batch = make_batch(LAYOUTS, 3, [0.7, 0.7])
+    packed = fp8(batch).float()
+    img, txt, start = 0, 0, 0
+    for layout in LAYOUTS:
+        alone = ForwardBatch(batch.image_tokens[img : img + layout.image_tokens],
+                             batch.text_embeds[txt : txt + layout.text_len], torch.tensor([0.7]), [layout])
+        assert rel_err(packed[start : start + layout.noisy_tokens], fp8(alone).float()) < 2e-3
+        img, txt, start = img + layout.image_tokens, txt + layout.text_len, start + layout.noisy_tokens
+
+
+def test_selected_layers_are_fp8_and_the_rest_bf16(models):
+    bf16, fp8 = models
+    blocks = len(fp8.transformer_blocks)
+    converted = {name for name, m in fp8.named_modules() if isinstance(m, Fp8Linear)}
+    assert converted == {f"transformer_blocks.{i}.{name}" for i in range(blocks) for name in FP8_LAYERS}
+    assert len(converted) == 12 * blocks
+    for name in converted:
+        layer, original = fp8.get_submodule(name), bf16.get_submodule(name)
+        assert layer.weight.dtype == FP8_DTYPE and layer.weight.shape == original.weight.shape
+        assert layer.weight_scale.dtype == torch.float32 and layer.weight_scale.shape == original.weight.shape[:1]
+        assert layer.bias.dtype == torch.bfloat16 and torch.equal(layer.bias, original.bias)
+    kept = [*KEPT_BF16, *(f"transformer_blocks.{i}.{m}_mod.1" for i in range(blocks) for m in ("img", "txt"))]
+    for name in kept:
+        layer = fp8.get_submodule(name)
+        assert type(layer) is nn.Linear and layer.weight.dtype == torch.bfloat16, name
+    state = fp8.state_dict()
+    assert state["transformer_blocks.0.attn.to_q.weight"].dtype == FP8_DTYPE
+    assert "transformer_blocks.1.img_mlp.net.2.weight_scale" in state
+    assert not any(isinstance(m, Fp8Linear) for m in bf16.modules())
+
+
+def test_bad_quantization_requests_raise(models, tiny_checkpoint, monkeypatch):
+    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+        LayeredTransformer.from_pretrained(tiny_checkpoint / "transformer", quantization="int4")
+    with pytest.raises(ValueError, match="quantized twice"):
+        quantize_fp8(models[1])
+    assert check_quantization("none", "cpu", torch.float32) is None
+    assert check_quantization("fp8", "cpu", torch.float32) == "fp8"  # the float32 reference path
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match="compute capability 8.9 or newer.*8.0"):
+        check_quantization("fp8", "cuda", torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert check_quantization("fp8", "cuda:0", torch.bfloat16) == "fp8"
+    with pytest.raises(ValueError, match="bfloat16"):
+        check_quantization("fp8", "cuda", torch.float32)
+
+
+def test_option_reaches_the_pipeline_and_the_worker_ranks(tiny_checkpoint):
+    pipe = LayeredPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.bfloat16,
+                                           load_text_encoder=False, quantization="fp8")
+    assert isinstance(pipe.transformer.transformer_blocks[0].attn.to_q, Fp8Linear)
+    factory = CheckpointTransformer(tiny_checkpoint / "transformer", torch.bfloat16, "fp8")
+    assert isinstance(factory(torch.device("cpu")).transformer_blocks[1].img_mlp.net[2], Fp8Linear)
+    plain = CheckpointTransformer(tiny_checkpoint / "transformer", torch.bfloat16)(torch.device("cpu"))
+    assert not any(isinstance(m, Fp8Linear) for m in plain.modules())
+
+
+def test_cli_quantization_flag():
+    parser = build_parser()
+    assert quantization(parser.parse_args(["decompose", "in.png", "--quantization", "fp8"])) == "fp8"
+    assert quantization(parser.parse_args(["decompose", "in.png"])) is None
+    assert quantization(parser.parse_args(["serve", "--quantization", "fp8"])) == "fp8"
+    assert quantization(parser.parse_args(["serve", "--quantization", "none"])) is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--quantization", "int8"])
