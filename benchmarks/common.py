@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from vllm_layered.model_executor.models.fp8_linear import quantize_fp8
 from vllm_layered.model_executor.models.transformer import LayeredTransformer, TransformerConfig
 from vllm_layered.model_executor.models.vae import RGBAVAE, VAEConfig
 from vllm_layered.model_executor.random_weights import random_weights
@@ -74,6 +75,16 @@ def diffusers_transformer_sharing(ours: LayeredTransformer):
     ref.pos_embed = QwenEmbedLayer3DRope(theta=10000, axes_dim=list(c.axes_dims_rope), scale_rope=True)
     ref.load_state_dict(ours.state_dict(), assign=True, strict=True)
     return ref.eval()
+
+
+def fp8_transformer_sharing(ours: LayeredTransformer) -> LayeredTransformer:
+    """A second transformer holding ``ours``' tensors (no copy) with its FP8 layers swapped in: only the e4m3
+    weights are new memory (~13.6 GB at full size)."""
+    with torch.device("meta"):
+        fp8 = LayeredTransformer(config=ours.config)
+    install_weights(fp8, ours.state_dict().items(), component="transformer")
+    quantize_fp8(fp8)
+    return fp8.eval()
 
 
 def random_text_encoder(device="cuda", dtype=torch.bfloat16):

@@ -9,16 +9,16 @@ layers to PIL images.
 Compute floor (DESIGN.md cost model): the FLOPs of all transformer forwards of the request divided by the
 bf16 GEMM rate measured in this run; each pipeline is reported as seconds, seconds / floor and floor % .
 
-    python benchmarks/compare.py [--configs 640x4,1024x4] [--steps 50] [--repeat 1] [--no-diffusers]
+    python benchmarks/compare.py [--configs 640x4,1024x4] [--steps 50] [--repeat 1] [--no-diffusers] [--fp8]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +27,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import forward_flops, gemm_tflops, write_results  # noqa: E402
+from benchmarks.common import forward_flops, fp8_transformer_sharing, gemm_tflops, write_results  # noqa: E402
 from benchmarks.engine import diffusers_pipeline  # noqa: E402
-from benchmarks.pipeline_step import CAPTION, random_pipeline  # noqa: E402
+from benchmarks.pipeline_step import CAPTION, random_pipeline, timed  # noqa: E402
 from vllm_layered.model_executor.image_processing import bucket_size  # noqa: E402
 from vllm_layered.model_executor.pipeline import GenerationParams  # noqa: E402
 
@@ -60,17 +60,9 @@ def request_flops(image: Image.Image, resolution: int, layers: int, steps: int, 
     return steps * forward_flops([image_tokens + t for t in text_lens])
 
 
-def timed_s(fn) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def run_ours(pipe, image, cond, neg, steps: int, seed: int, **common) -> None:
-    pipe(image, prompt=CAPTION, negative_prompt=NEGATIVE, prompt_embeds=cond[None], negative_prompt_embeds=neg[None],
-         num_inference_steps=steps, seed=seed, **common)
+def run_ours(pipe, image, cond, neg, steps: int, seed: int, **common):
+    return pipe(image, prompt=CAPTION, negative_prompt=NEGATIVE, prompt_embeds=cond[None],
+                negative_prompt_embeds=neg[None], num_inference_steps=steps, seed=seed, **common)
 
 
 def run_diffusers(ref, image, cond, neg, steps: int, seed: int, **common) -> None:
@@ -78,7 +70,7 @@ def run_diffusers(ref, image, cond, neg, steps: int, seed: int, **common) -> Non
         generator=torch.Generator(ref.device).manual_seed(seed), **common)
 
 
-def measure(pipe, ref, resolution: int, layers: int, args: argparse.Namespace, gemm: float) -> dict:
+def measure(pipe, fp8_pipe, ref, resolution: int, layers: int, args: argparse.Namespace, gemm: float) -> dict:
     """One config: the floor, then each pipeline (warm-up request, then the median of ``repeat`` timed ones)."""
     image = input_image(resolution)
     cond, neg, _ = pipe.encode_prompts(image, CAPTION, NEGATIVE, GenerationParams(layers=layers))
@@ -87,16 +79,27 @@ def measure(pipe, ref, resolution: int, layers: int, args: argparse.Namespace, g
     row = dict(resolution=resolution, layers=layers, steps=args.steps, cfg=CFG_SCALE,
                text_tokens=[cond.shape[0], neg.shape[0]], tflop=flops / 1e12, floor_s=flops / (gemm * 1e12))
     runs = {"ours": functools.partial(run_ours, pipe)}
+    if fp8_pipe is not None:
+        runs["ours_fp8"] = functools.partial(run_ours, fp8_pipe)
     if ref is not None:
         runs["diffusers"] = functools.partial(run_diffusers, ref)
+    outputs = {}
     for name, run in runs.items():
         run(image, cond, neg, args.warmup_steps, 0, **common)  # one-time costs: kernels, autotuning, allocator
-        times = [timed_s(functools.partial(run, image, cond, neg, args.steps, i, **common)) for i in range(args.repeat)]
+        times = []
+        for _ in range(args.repeat):  # seed 0 every time, so the pipelines' outputs are comparable
+            outputs[name], seconds = timed(functools.partial(run, image, cond, neg, args.steps, 0, **common))
+            times.append(seconds)
         seconds = statistics.median(times)
         row.update({f"{name}_s": seconds, f"{name}_all_s": times, f"{name}_vs_floor": seconds / row["floor_s"],
                     f"{name}_floor_pct": 100 * row["floor_s"] / seconds})
     if ref is not None:
         row["speedup"] = row["diffusers_s"] / row["ours_s"]
+    if fp8_pipe is not None:  # FP8's price in pixels: the same request (seed, inputs) decoded, against bf16
+        ours, fp8 = (np.stack([np.asarray(x, np.float32) for x in outputs[k].layers]) for k in ("ours", "ours_fp8"))
+        row["fp8_px_mean_abs_diff"] = float(np.abs(fp8 - ours).mean())
+        row["fp8_px_p99_abs_diff"] = float(np.percentile(np.abs(fp8 - ours), 99))
+        row["fp8_speedup_vs_bf16"] = row["ours_s"] / row["ours_fp8_s"]
     return row
 
 
@@ -108,17 +111,22 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="timed requests per pipeline and config (median)")
     parser.add_argument("--warmup-steps", type=int, default=2, help="steps of the untimed warm-up request")
     parser.add_argument("--no-diffusers", action="store_true", help="time our pipeline only")
+    parser.add_argument("--fp8", action="store_true",
+                        help="also time ours with quantization='fp8' and its pixel difference from bf16")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("compare.py needs a CUDA GPU")
 
     pipe = random_pipeline()
     ref = None if args.no_diffusers else diffusers_pipeline(pipe)
+    fp8_pipe = copy.copy(pipe) if args.fp8 else None
+    if fp8_pipe is not None:  # the same pipeline with an FP8 transformer (sharing the bf16 tensors it keeps)
+        fp8_pipe.transformer = fp8_transformer_sharing(pipe.transformer)
     gemm = gemm_tflops()
     rows = []
     with torch.no_grad():
         for resolution, layers in args.configs:
-            rows.append(measure(pipe, ref, resolution, layers, args, gemm))
+            rows.append(measure(pipe, fp8_pipe, ref, resolution, layers, args, gemm))
             print(rows[-1], flush=True)
 
     device = torch.cuda.get_device_name()
@@ -128,6 +136,12 @@ def main() -> None:
           f"bf16 GEMM {gemm:.0f} TFLOP/s")
     print(f"{'config':10s} {'floor s':>8s} {'ours s':>8s} {'x floor':>8s} {'floor %':>8s} "
           f"{'diffusers s':>11s} {'x floor':>8s} {'floor %':>8s} {'speedup':>8s}")
+    for r in rows:
+        if "ours_fp8_s" in r:
+            print(f"{r['resolution']}x{r['layers']} fp8: {r['ours_fp8_s']:.2f} s "
+                  f"({r['ours_fp8_floor_pct']:.1f}% of the bf16 floor, {r['fp8_speedup_vs_bf16']:.2f}x bf16), "
+                  f"layers vs bf16: mean |diff| "
+                  f"{r['fp8_px_mean_abs_diff']:.2f}/255, p99 {r['fp8_px_p99_abs_diff']:.0f}/255")
     for r in rows:
         theirs = (f"{r['diffusers_s']:11.2f} {r['diffusers_vs_floor']:8.2f} {r['diffusers_floor_pct']:8.1f} "
                   f"{r['speedup']:7.2f}x" if "diffusers_s" in r else f"{'-':>11s}")

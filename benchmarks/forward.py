@@ -24,15 +24,14 @@ from benchmarks.common import (  # noqa: E402
     bench_ms,
     diffusers_transformer_sharing,
     forward_flops,
+    fp8_transformer_sharing,
     gemm_tflops,
     random_transformer,
     write_results,
 )
 from vllm_layered.kernels.fp8 import fp8_gemm, quantize_rows_ref  # noqa: E402
 from vllm_layered.model_executor.forward_batch import ForwardBatch, SequenceLayout  # noqa: E402
-from vllm_layered.model_executor.models.fp8_linear import Fp8Linear, quantize_fp8  # noqa: E402
-from vllm_layered.model_executor.models.transformer import LayeredTransformer  # noqa: E402
-from vllm_layered.model_executor.weight_loader import install_weights  # noqa: E402
+from vllm_layered.model_executor.models.fp8_linear import Fp8Linear  # noqa: E402
 
 COND_TEXT, UNCOND_TEXT = 200, 6  # a ~200-token caption; the negative prompt " " leaves 6 tokens
 
@@ -68,16 +67,6 @@ def diffusers_step(ref, batch: ForwardBatch):
 def set_backend(model, backend: str) -> None:
     for block in model.transformer_blocks:
         block.attn.backend = backend
-
-
-def fp8_transformer_sharing(ours: LayeredTransformer) -> LayeredTransformer:
-    """A second transformer holding ``ours``' tensors (no copy) with its FP8 layers swapped in: only the e4m3
-    weights are new memory (~13.6 GB at full size)."""
-    with torch.device("meta"):
-        fp8 = LayeredTransformer(config=ours.config)
-    install_weights(fp8, ours.state_dict().items(), component="transformer")
-    quantize_fp8(fp8)
-    return fp8.eval()
 
 
 def set_fast_accum(model, fast_accum: bool) -> None:

@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RandomTransformer, bench_ms, write_results, write_text  # noqa: E402
-from benchmarks.compare import CAPTION, NEGATIVE, input_image, timed_s  # noqa: E402
-from benchmarks.pipeline_step import random_pipeline  # noqa: E402
+from benchmarks.compare import CAPTION, NEGATIVE, input_image  # noqa: E402
+from benchmarks.pipeline_step import random_pipeline, timed  # noqa: E402
 from vllm_layered.model_executor.denoise import build_forward_batch  # noqa: E402
 from vllm_layered.model_executor.parallel import ParallelConfig, ParallelTransformer  # noqa: E402
 from vllm_layered.model_executor.pipeline import GenerationParams  # noqa: E402
@@ -46,10 +46,11 @@ def request(pipe, image, cond, neg, args, seed: int = 0, steps: int | None = Non
 
 def measure(pipe, image, cond, neg, args) -> tuple[float, list[float], np.ndarray]:
     request(pipe, image, cond, neg, args, steps=2)  # one-time costs
-    times, outputs = [], []
+    times = []
     for _ in range(args.repeat):
-        times.append(timed_s(lambda: outputs.append(request(pipe, image, cond, neg, args))))
-    layers = np.stack([np.asarray(layer, dtype=np.float32) for layer in outputs[-1].layers])
+        output, seconds = timed(lambda: request(pipe, image, cond, neg, args))
+        times.append(seconds)
+    layers = np.stack([np.asarray(layer, dtype=np.float32) for layer in output.layers])
     return statistics.median(times), times, layers
 
 
