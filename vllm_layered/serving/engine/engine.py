@@ -82,11 +82,15 @@ class EngineConfig:
 
 
 def default_token_budget(pipeline: LayeredPipeline) -> int:
+    """Tokens of one forward: what saturates a GPU (or fits its free memory), times the GPUs sharing the
+    forward (CFG-parallel and sequence-parallel ranks each hold about 1/world of the tokens)."""
     if pipeline.device.type != "cuda":
         return 1 << 16
     free, _ = torch.cuda.mem_get_info(pipeline.device)
     per_token = pipeline.transformer.config.inner_dim * ACTIVATION_BYTES_PER_TOKEN_PER_CHANNEL
-    return max(1 << 14, min(SATURATING_TOKENS, int(0.6 * free / per_token)))
+    parallel = getattr(pipeline.transformer, "parallel_config", None)
+    gpus = parallel.world_size if parallel is not None else 1
+    return max(1 << 14, gpus * min(SATURATING_TOKENS, int(0.6 * free / per_token)))
 
 
 def request_tokens(request: LayeredRequest, text_len: int = ESTIMATED_TEXT_TOKENS) -> int:
