@@ -469,7 +469,7 @@ def build_app(
         engine, tenants=tenants, limits=limits, metrics=metrics or ServingMetrics(),
         served_model_names=served_model_names,
     )
-    api.metrics.watch_health(engine.is_healthy)
+    api.metrics.watch_engine(engine.is_healthy, engine.config.max_waiting)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -6,7 +6,8 @@ Two levels, counted separately:
   ``request_success_total{tenant}``, ``request_failure_total{tenant,reason}`` (reason: cancelled,
   deadline, error, and overloaded / shutting_down for requests the engine refused), latency, queue
   time, step time, layers per request, denoised tokens, running / waiting gauges, and
-  ``engine_healthy`` (1/0, read at scrape time from the engine's heartbeat, as /health).
+  ``engine_healthy`` (1/0, read at scrape time from the engine's heartbeat, as /health) and
+  ``max_requests_waiting`` (the queue bound, so dashboards and alerts can show how full the queue is).
 - API level, one count per HTTP image request: ``api_requests_total{tenant,endpoint,status}``, where
   status is the HTTP status the request ended with (for a stream: the status its final event
   carries; 499 when the client went away), and ``api_rejections_total{tenant,reason}`` for requests
@@ -90,6 +91,10 @@ class ServingMetrics(EngineObserver):
         self.api_in_progress = Gauge(
             PREFIX + "api_requests_in_progress", "Image API requests in flight.", ["tenant"], registry=r
         )
+        self.queue_capacity = Gauge(
+            PREFIX + "max_requests_waiting", "Waiting-queue bound (--max-queue): beyond it requests get 503.",
+            registry=r,
+        )
         self.healthy = Gauge(
             PREFIX + "engine_healthy",
             "1 while the engine loop is alive and stepping, 0 when it died or is stuck (what GET /health says).",
@@ -97,9 +102,10 @@ class ServingMetrics(EngineObserver):
         )
         r.register(_GpuMemoryCollector())
 
-    def watch_health(self, probe: Callable[[], bool]) -> None:
-        """Read ``engine_healthy`` from ``probe`` at every scrape."""
+    def watch_engine(self, probe: Callable[[], bool], max_waiting: int) -> None:
+        """Read ``engine_healthy`` from ``probe`` at every scrape; export the queue bound."""
         self.healthy.set_function(lambda: float(probe()))
+        self.queue_capacity.set(max_waiting)
 
     # -- engine hooks ---------------------------------------------------------------------------
 
