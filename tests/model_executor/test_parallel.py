@@ -110,6 +110,33 @@ def test_parallel_forward_equals_one_process(tiny_checkpoint, reference, cfg_deg
     assert rel_err(got_one, expected_one) < 1e-5
 
 
+def test_a_dead_rank_fails_fast_and_makes_the_engine_unhealthy(tiny_checkpoint, reference):
+    model, batch, _ = reference
+    factory = CheckpointTransformer(tiny_checkpoint / "transformer", torch.float32)
+    parallel = ParallelTransformer.launch(model, factory, ParallelConfig(sp_degree=2), torch.device("cpu"))
+    pipeline = LayeredPipeline(transformer=parallel, vae=None, prompt_encoder=None, scheduler_config=None,
+                               device=torch.device("cpu"), dtype=torch.float32)
+
+    async def scenario():
+        engine = AsyncLayeredEngine(pipeline, EngineConfig(token_budget=1 << 16))
+        await engine.start()
+        before = engine.is_healthy()
+        worker = parallel._workers[0]
+        worker.kill()
+        worker.join(timeout=30)
+        after = engine.is_healthy()
+        await engine.shutdown(0.1)
+        return before, after
+
+    try:
+        before, after = asyncio.run(asyncio.wait_for(scenario(), 120))
+        assert before and not after and not parallel.healthy
+        with pytest.raises(RuntimeError, match="lost layered-rank1"):
+            parallel(batch)
+    finally:
+        parallel.close()  # must not wait for the dead rank
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("cfg_degree,sp_degree", [(2, 1), (1, 2)])
@@ -131,7 +158,10 @@ def test_parallel_forward_on_gpus_with_nccl(tiny_checkpoint, cfg_degree, sp_degr
 
 @pytest.fixture(scope="module")
 def pipelines(tiny_checkpoint):
-    """The tiny pipeline in one process, and with its transformer over 2 CFG groups x 2 sequence ranks."""
+    """The tiny pipeline in one process, and with its transformer over 2 CFG groups x 2 sequence ranks.
+
+    A process holds one process group at a time, so this fixture (alive until the module ends) is used
+    only by the tests below it; the tests above launch and close their own ranks."""
     single = LayeredPipeline.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu")
     parallel = LayeredPipeline.from_pretrained(
         tiny_checkpoint, dtype=torch.float32, device="cpu", parallel=ParallelConfig(cfg_degree=2, sp_degree=2)
@@ -190,3 +220,4 @@ def test_engine_drives_the_parallel_transformer(pipelines):
     got = asyncio.run(asyncio.wait_for(serve(parallel), 300))
     for ours, ref in zip(got, expected):
         assert_same_layers(ours.layers, ref.layers)
+

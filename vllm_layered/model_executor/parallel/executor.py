@@ -160,8 +160,9 @@ class ParallelTransformer:
     """Rank 0's handle on a transformer spread over ``config.world_size`` processes; called like one.
 
     ``launch`` starts ranks 1.. as processes of their own (one GPU each, from rank 0's GPU on), each
-    building its copy of the transformer with ``factory``. A worker that dies leaves rank 0 waiting in a
-    collective: the engine's heartbeat then stops and /health reports it.
+    building its copy of the transformer with ``factory``. A worker found dead before a forward fails that
+    forward at once and makes ``healthy`` false (the engine's /health reports it); one that dies inside a
+    collective leaves rank 0 waiting until the collective's timeout, and the engine's heartbeat stops.
     """
 
     def __init__(self, model: LayeredTransformer, ctx: ParallelContext, device: torch.device,
@@ -204,8 +205,19 @@ class ParallelTransformer:
     def parallel_config(self) -> ParallelConfig:
         return self.ctx.config
 
+    def dead_workers(self) -> list[str]:
+        return [f"{w.name} (exit code {w.exitcode})" for w in self._workers if not w.is_alive()]
+
+    @property
+    def healthy(self) -> bool:
+        """False once a worker rank has exited: every later forward would fail (the engine's health says so)."""
+        return self._open and not self.dead_workers()
+
     def __call__(self, batch: ForwardBatch) -> torch.Tensor:
         """Velocity of every noisy token of ``batch``, as ``LayeredTransformer.forward`` returns it."""
+        dead = self.dead_workers()
+        if dead:  # fail now rather than wait in a collective for a rank that is gone
+            raise RuntimeError(f"the parallel transformer lost {', '.join(dead)}; the server must be restarted")
         _send_batch(batch, self.device)
         return _gather(parallel_forward(self.model, batch, self.ctx), batch, self.ctx)
 
@@ -214,7 +226,11 @@ class ParallelTransformer:
         if not self._open:
             return
         self._open = False
-        _send_batch(None, self.device)
+        if self.dead_workers():  # the stop message would wait for the dead rank: end the others instead
+            for worker in self._workers:
+                worker.kill()
+        else:
+            _send_batch(None, self.device)
         for worker in self._workers:
             worker.join(timeout=30)
         dist.destroy_process_group()

@@ -145,8 +145,10 @@ class AsyncLayeredEngine:
         self._thread.start()
 
     def is_healthy(self) -> bool:
+        """The step thread is alive and stepping, and the model can still run (all parallel ranks alive)."""
         alive = self._thread is not None and self._thread.is_alive()
-        return alive and time.monotonic() - self._heartbeat < self.config.stuck_after_s
+        model_ok = getattr(self.pipeline.transformer, "healthy", True)
+        return alive and model_ok and time.monotonic() - self._heartbeat < self.config.stuck_after_s
 
     def submit(self, request: LayeredRequest) -> RequestHandle:
         """Queue a request. Raises EngineOverloadedError when full or shutting down, ValueError for bad input."""
