@@ -69,8 +69,7 @@ def test_shards_cover_the_joint_buffer_exactly():
     assert torch.equal(torch.cat(img_rows), meta.img_rows)
     assert torch.equal(torch.cat(txt_rows), meta.txt_rows)
     assert torch.equal(torch.cat(noisy), meta.noisy_rows)
-    config = ParallelConfig(cfg_degree=1, sp_degree=size)
-    assert output_rows(LAYOUTS, config) == [n.numel() for n in noisy]
+    assert output_rows(LAYOUTS, split_sequences(LAYOUTS, 1), size) == [n.numel() for n in noisy]
 
 
 def test_config_refuses_what_cannot_run():

@@ -56,25 +56,31 @@ def split_sequences(layouts: list[SequenceLayout], groups: int) -> list[list[int
     return [sorted(part) for part in parts]
 
 
-def output_rows(layouts: list[SequenceLayout], config: ParallelConfig) -> list[int]:
-    """How many noisy-token rows of the output each rank computes."""
+def output_rows(layouts: list[SequenceLayout], groups: list[list[int]], sp_degree: int) -> list[int]:
+    """How many noisy-token rows of the output each rank computes, for the sequences ``groups``."""
     rows = []
-    for seqs in split_sequences(layouts, config.cfg_degree):
-        group = [layouts[i] for i in seqs]
+    for seqs in groups:
         noisy, start = [], 0  # noisy rows of each sequence as a [begin, end) range of the joint buffer
-        for layout in group:
+        for layout in (layouts[i] for i in seqs):
             noisy.append((start + layout.text_len, start + layout.text_len + layout.noisy_tokens))
             start += layout.total_tokens
-        exchange = UlyssesExchange.split(start, None, 0, config.sp_degree)
-        for lo, hi in (UlyssesExchange(None, r, exchange.row_counts).row_range for r in range(config.sp_degree)):
+        for lo, hi in UlyssesExchange.split(start, None, 0, sp_degree).row_ranges:
             rows.append(sum(max(0, min(end, hi) - max(begin, lo)) for begin, end in noisy))
     return rows
 
 
-def parallel_forward(model: LayeredTransformer, batch: ForwardBatch, ctx: ParallelContext) -> torch.Tensor:
-    """This rank's part of the forward: the velocities of the noisy tokens among its rows."""
+def parallel_step(model: LayeredTransformer, batch: ForwardBatch, ctx: ParallelContext) -> torch.Tensor | None:
+    """One forward on every rank: this rank's share, then all shares gathered on rank 0 (None elsewhere)."""
+    groups = split_sequences(batch.layouts, ctx.config.cfg_degree)
+    return _gather(parallel_forward(model, batch, ctx, groups[ctx.cfg_rank]), batch, ctx, groups)
+
+
+def parallel_forward(
+    model: LayeredTransformer, batch: ForwardBatch, ctx: ParallelContext, mine: list[int]
+) -> torch.Tensor:
+    """This rank's part of the forward (its CFG group's sequences ``mine``): the velocities of the noisy
+    tokens among its rows."""
     config = ctx.config
-    mine = split_sequences(batch.layouts, config.cfg_degree)[ctx.cfg_rank]
     if not mine:
         return batch.image_tokens.new_empty(0, model.proj_out.out_features, dtype=model.proj_out.weight.dtype)
     sub = batch if len(mine) == batch.num_sequences else batch.select(mine)
@@ -86,10 +92,12 @@ def parallel_forward(model: LayeredTransformer, batch: ForwardBatch, ctx: Parall
     return model.run(sub.image_tokens[img], sub.text_embeds[txt], sub.timesteps, sub.t_cond, local)
 
 
-def _gather(local: torch.Tensor, batch: ForwardBatch, ctx: ParallelContext) -> torch.Tensor | None:
+def _gather(
+    local: torch.Tensor, batch: ForwardBatch, ctx: ParallelContext, groups: list[list[int]]
+) -> torch.Tensor | None:
     """Every rank's output onto rank 0, reassembled in the batch's sequence order (None elsewhere)."""
     config = ctx.config
-    rows = output_rows(batch.layouts, config)
+    rows = output_rows(batch.layouts, groups, config.sp_degree)
     padded = local.new_zeros(max(rows), local.shape[1])
     padded[: local.shape[0]] = local
     parts = [torch.empty_like(padded) for _ in rows] if ctx.rank == 0 else None
@@ -98,7 +106,7 @@ def _gather(local: torch.Tensor, batch: ForwardBatch, ctx: ParallelContext) -> t
         return None
     pieces: list[torch.Tensor | None] = [None] * batch.num_sequences
     sp = config.sp_degree
-    for group, seqs in enumerate(split_sequences(batch.layouts, config.cfg_degree)):
+    for group, seqs in enumerate(groups):
         ranks = range(group * sp, (group + 1) * sp)
         output = torch.cat([parts[r][: rows[r]] for r in ranks])
         for i, piece in zip(seqs, output.split([batch.layouts[i].noisy_tokens for i in seqs])):
@@ -146,7 +154,7 @@ def _worker_main(
     _barrier(device)
     with torch.no_grad():
         while (batch := _receive_batch(device)) is not None:
-            _gather(parallel_forward(model, batch, ctx), batch, ctx)
+            parallel_step(model, batch, ctx)
     dist.destroy_process_group()
 
 
@@ -219,7 +227,7 @@ class ParallelTransformer:
         if dead:  # fail now rather than wait in a collective for a rank that is gone
             raise RuntimeError(f"the parallel transformer lost {', '.join(dead)}; the server must be restarted")
         _send_batch(batch, self.device)
-        return _gather(parallel_forward(self.model, batch, self.ctx), batch, self.ctx)
+        return parallel_step(self.model, batch, self.ctx)
 
     def close(self) -> None:
         """Stop the worker ranks and leave the process group (also run at exit)."""

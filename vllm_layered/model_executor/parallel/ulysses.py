@@ -32,9 +32,17 @@ class UlyssesExchange:
         return len(self.row_counts)
 
     @property
+    def row_ranges(self) -> list[tuple[int, int]]:
+        """[start, end) of every group rank's rows, in rank order (end to end, they are the joint buffer)."""
+        ranges, start = [], 0
+        for count in self.row_counts:
+            ranges.append((start, start + count))
+            start += count
+        return ranges
+
+    @property
     def row_range(self) -> tuple[int, int]:
-        start = sum(self.row_counts[: self.rank])
-        return start, start + self.row_counts[self.rank]
+        return self.row_ranges[self.rank]
 
     def scatter_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[own rows, H, D] -> [all rows, H / size, D]: group rank r keeps heads r*H/size .. (r+1)*H/size."""
