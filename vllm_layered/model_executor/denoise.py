@@ -50,6 +50,11 @@ class DenoiseState:
     def do_cfg(self) -> bool:
         return self.negative_embeds is not None
 
+    @property
+    def step_tokens(self) -> int:
+        """Tokens this request adds to every forward (all its CFG branches)."""
+        return sum(layout.total_tokens for layout in self.layouts())
+
     def layouts(self) -> list[SequenceLayout]:
         """The sequences this request adds to a forward: conditional, then unconditional with CFG."""
         texts = [self.prompt_embeds] + ([self.negative_embeds] if self.do_cfg else [])

@@ -11,6 +11,7 @@ contiguous rows ``cu_seqlens[s]:cu_seqlens[s+1]`` in the order text, then image.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
 import torch
@@ -91,8 +92,8 @@ class ForwardBatch:
 
     def select(self, indices: list[int]) -> ForwardBatch:
         """The batch of sequences ``indices`` (in that order): how CFG-parallel ranks take their share."""
-        img_starts = _starts([s.image_tokens for s in self.layouts])
-        txt_starts = _starts([s.text_len for s in self.layouts])
+        img_starts = list(accumulate((s.image_tokens for s in self.layouts), initial=0))
+        txt_starts = list(accumulate((s.text_len for s in self.layouts), initial=0))
         images = [self.image_tokens[img_starts[i] : img_starts[i + 1]] for i in indices]
         texts = [self.text_embeds[txt_starts[i] : txt_starts[i + 1]] for i in indices]
         rows = torch.tensor(indices, dtype=torch.long, device=self.timesteps.device)
@@ -103,13 +104,6 @@ class ForwardBatch:
             [self.layouts[i] for i in indices],
             self.t_cond[rows],
         )
-
-
-def _starts(sizes: list[int]) -> list[int]:
-    starts = [0]
-    for size in sizes:
-        starts.append(starts[-1] + size)
-    return starts
 
 
 def _clip(spans: tuple[tuple[int, int, int], ...], lo: int, hi: int) -> list[tuple[int, int, int]]:

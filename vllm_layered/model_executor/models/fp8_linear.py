@@ -148,7 +148,10 @@ def check_quantization(quantization: str | None, device: torch.device | str, dty
 @torch.no_grad()
 def quantize_fp8(model: nn.Module, *, fast_accum: bool = False) -> list[str]:
     """Swap the `FP8_LAYERS` of every ``model.transformer_blocks`` entry for Fp8Linear, in place; returns the
-    names of the converted layers. Raises ValueError where FP8 cannot run or a layer is not an nn.Linear."""
+    names of the converted layers. Raises ValueError where FP8 cannot run (checked once: every layer has
+    ``proj_out``'s device and dtype) or a layer is not an nn.Linear."""
+    weight = model.proj_out.weight  # never quantized; every layer shares its device and dtype
+    check_quantization("fp8", weight.device, weight.dtype)
     converted = []
     for i, block in enumerate(model.transformer_blocks):
         for name in FP8_LAYERS:
@@ -156,7 +159,6 @@ def quantize_fp8(model: nn.Module, *, fast_accum: bool = False) -> list[str]:
             full_name = f"transformer_blocks.{i}.{name}"
             if not isinstance(linear, nn.Linear):
                 raise ValueError(f"{full_name} is a {type(linear).__name__}, not an nn.Linear (quantized twice?)")
-            check_quantization("fp8", linear.weight.device, linear.weight.dtype)
             layer = Fp8Linear.from_linear(linear, fast_accum=fast_accum)
             owner, _, attr = name.rpartition(".")
             setattr(block.get_submodule(owner), attr, layer)  # drops the bf16 weight

@@ -37,7 +37,6 @@ from vllm_layered.model_executor.weight_loader import install_weights, load_comp
 METADATA_CACHE_SIZE = 4  # distinct packed layouts kept (the engine's running set changes now and then)
 
 
-
 @dataclass(frozen=True)
 class TransformerConfig:
     patch_size: int = 2

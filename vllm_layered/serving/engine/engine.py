@@ -305,9 +305,9 @@ class AsyncLayeredEngine:
         candidates = []
         for entry in self._running:
             state = entry.state
-            tokens = sum(layout.total_tokens for layout in state.layouts())
-            candidates.append(StepCandidate(entry, entry.request.priority, (state.num_steps - state.step) * tokens,
-                                            tokens, now - entry.last_step))
+            candidates.append(StepCandidate(entry, entry.request.priority,
+                                            (state.num_steps - state.step) * state.step_tokens, state.step_tokens,
+                                            now - entry.last_step))
         return pick_step_batch(candidates, self.token_budget, self.config.aging_s)
 
     def _step(self) -> None:
@@ -324,7 +324,7 @@ class AsyncLayeredEngine:
                 for entry in batch:
                     self._end(entry, RequestStatus.FAILED, EngineError(f"denoising failed: {exc}"))
             return
-        tokens = sum(layout.total_tokens for s in states for layout in s.layouts())
+        tokens = sum(state.step_tokens for state in states)
         now = time.monotonic()
         self.observer.on_step(now - start, len(batch), tokens)
         for entry in batch:
