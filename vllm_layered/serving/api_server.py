@@ -51,7 +51,6 @@ from vllm_layered.serving.jobs import DecompositionJob, DuplicateRequestError, J
 from vllm_layered.serving.limits import ServerLimits
 from vllm_layered.serving.metrics import UNAUTHENTICATED, ServingMetrics
 from vllm_layered.serving.protocol import (
-    MAX_SEED,
     APIError,
     CancelResponse,
     ErrorResponse,
@@ -62,6 +61,7 @@ from vllm_layered.serving.protocol import (
     ModelCard,
     ModelList,
     ProgressData,
+    decomposition_seeds,
     validation_error,
 )
 from vllm_layered.serving.results import build_images_response
@@ -263,12 +263,11 @@ class LayeredAPI:
             raise APIError(400, str(e), code="invalid_value", param=name if name in kwargs else None) from None
 
     def _decode(self, data: bytes, resolution: int) -> Image.Image:
+        image = load_request_image(data, self.limits.max_pixels)
         try:
-            image = load_image(data, max_pixels=self.limits.max_pixels)
             bucket_size(image.width, image.height, resolution)
         except InvalidImageError as e:
-            status = 413 if e.code == "too_many_pixels" else 400
-            raise APIError(status, str(e), code=e.code, param="image") from None
+            raise APIError(400, str(e), code=e.code, param="image") from None
         return image
 
     def _submit(
@@ -280,9 +279,7 @@ class LayeredAPI:
         image: Image.Image,
         prompt: str | None,
     ) -> DecompositionJob:
-        base_seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
-        if base_seed + options.n - 1 > MAX_SEED:
-            raise APIError(400, f"seed + n - 1 must be at most {MAX_SEED}", param="seed")
+        seeds = decomposition_seeds(options.seed, options.n)
         deadline = None if self.limits.request_timeout_s is None else time.monotonic() + self.limits.request_timeout_s
         requests = [
             LayeredRequest(
@@ -291,12 +288,12 @@ class LayeredAPI:
                 params=params,
                 prompt=prompt,
                 negative_prompt=options.negative_prompt or " ",
-                seed=base_seed + i,
+                seed=seed,
                 tenant=tenant.name,
                 priority=tenant.priority,
                 deadline=deadline,
             )
-            for i in range(options.n)
+            for i, seed in enumerate(seeds)
         ]
         try:
             return self.jobs.start(self.engine, request_id, requests)
@@ -324,6 +321,14 @@ class LayeredAPI:
             for name in self.model_names
         ]
         return ModelList(data=cards)
+
+
+def load_request_image(data: Any, max_pixels: int) -> Image.Image:
+    """The request's input image (``load_image`` within the pixel limit), or the APIError it deserves."""
+    try:
+        return load_image(data, max_pixels=max_pixels)
+    except InvalidImageError as e:
+        raise APIError(413 if e.code == "too_many_pixels" else 400, str(e), code=e.code, param="image") from None
 
 
 class _Reply:

@@ -9,6 +9,7 @@ as absent: the openai SDK sends ``None`` as an empty string.
 from __future__ import annotations
 
 import re
+import secrets
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -256,3 +257,11 @@ class CancelResponse(BaseModel):
     id: str
     object: Literal["request.cancellation"] = "request.cancellation"
     cancelled: bool
+
+
+def decomposition_seeds(seed: int | None, n: int) -> list[int]:
+    """Seeds of a request's ``n`` decompositions: seed, seed + 1, ... (a random first seed when none is given)."""
+    base = seed if seed is not None else secrets.randbelow(2**31)
+    if base + n - 1 > MAX_SEED:
+        raise APIError(400, f"seed + n - 1 must be at most {MAX_SEED}", param="seed")
+    return [base + i for i in range(n)]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -44,13 +43,13 @@ from vllm_omni.entrypoints.serve.utils.errors import _create_engine_error_json_r
 from vllm_omni.errors import OmniClientError
 from vllm_omni.inputs.data import OmniDiffusionSamplingParams, OmniTextPrompt
 
-from vllm_layered.model_executor.image_processing import InvalidImageError, bucket_size, load_image
+from vllm_layered.model_executor.image_processing import bucket_size
 from vllm_layered.model_executor.pipeline import PIPELINE_CLASS
-from vllm_layered.serving.api_server import LayeredAPI
+from vllm_layered.serving.api_server import LayeredAPI, load_request_image
 from vllm_layered.serving.engine.request import RequestOutput
 from vllm_layered.serving.limits import ServerLimits
 from vllm_layered.serving.omni.pipeline import DEFAULT_NEGATIVE_PROMPT, METADATA_KEY, generation_params
-from vllm_layered.serving.protocol import MAX_SEED, APIError, ImageEditForm, validation_error
+from vllm_layered.serving.protocol import APIError, ImageEditForm, decomposition_seeds, validation_error
 from vllm_layered.serving.results import build_images_response
 
 logger = logging.getLogger(__name__)
@@ -183,7 +182,7 @@ async def _layered_edit(form: dict[str, Any]) -> Response:
         response_id = LayeredAPI._request_id(raw_request)
         options = _options(form)
         image = await _input_image(form)
-        seeds = _seeds(options)
+        seeds = decomposition_seeds(options.seed, options.n)  # as on our server: seed + i
         stage_key = str(next(i for i, cfg in enumerate(stage_configs) if get_stage_type(cfg) == "diffusion"))
         server_args = getattr(raw_request.app.state, "args", None)
         defaults = getattr(server_args, "default_sampling_params", None)
@@ -257,18 +256,7 @@ async def _input_image(form: dict[str, Any]) -> Image.Image:
     if len(inputs) != 1:
         raise APIError(400, f"Qwen-Image-Layered decomposes exactly one image, got {len(inputs)}", param="image")
     (image,) = await _load_input_images(inputs, normalize_rgb=False)
-    try:
-        return load_image(image, max_pixels=LIMITS.max_pixels)
-    except InvalidImageError as e:
-        raise APIError(413 if e.code == "too_many_pixels" else 400, str(e), code=e.code, param="image") from None
-
-
-def _seeds(options: ImageEditForm) -> list[int]:
-    """Decomposition i uses seed + i, as on our server."""
-    base = options.seed if options.seed is not None else secrets.randbelow(2**31)
-    if base + options.n - 1 > MAX_SEED:
-        raise APIError(400, f"seed + n - 1 must be at most {MAX_SEED}", param="seed")
-    return [base + i for i in range(options.n)]
+    return load_request_image(image, LIMITS.max_pixels)
 
 
 def _sampling_params(

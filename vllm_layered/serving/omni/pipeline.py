@@ -192,8 +192,7 @@ class OmniLayeredPipeline(nn.Module):
         prepared = [self._prepare(r.prompt, r.sampling_params) for r in req.requests]
         states = [state for state, _ in prepared]
         while active := [s for s in states if not s.done]:
-            for state, v in zip(active, self._guided_velocity(active)):
-                advance(state, v)
+            self.layered.denoise_step(active)
         return [
             self._output(state, record, r.sampling_params.output_type)
             for (state, record), r in zip(prepared, req.requests)
