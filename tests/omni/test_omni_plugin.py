@@ -12,10 +12,8 @@ import contextlib
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -36,7 +34,7 @@ from vllm_omni.diffusion.worker.request_batch import DiffusionRequestBatch  # no
 from vllm_omni.inputs.data import OmniDiffusionSamplingParams, OmniTextPrompt  # noqa: E402
 from vllm_omni.plugins import OMNI_DEFAULT_PLUGINS_GROUP, load_omni_general_plugins  # noqa: E402
 
-from tests.serving.helpers import start_server  # noqa: E402
+from tests.serving.helpers import free_port, start_server, wait_until_healthy  # noqa: E402
 from vllm_layered.model_executor.image_processing import bucket_size  # noqa: E402
 from vllm_layered.model_executor.pipeline import GenerationParams, LayeredPipeline  # noqa: E402
 from vllm_layered.serving.omni.pipeline import METADATA_KEY, OmniLayeredPipeline  # noqa: E402
@@ -218,12 +216,6 @@ EDIT_FORM = {"prompt": PROMPT, "negative_prompt": " ", "layers": "2", "resolutio
              "num_inference_steps": str(STEPS), "seed": str(SEED), "true_cfg_scale": "10"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def omni_server(tiny_checkpoint, tmp_path_factory):
     """vLLM-Omni's own server (CLI, engine, worker processes) with our plugin, on CPU.
@@ -231,7 +223,7 @@ def omni_server(tiny_checkpoint, tmp_path_factory):
     PYTHONPATH: shims/ (transformers' torchvision image processors -> their PIL twins, a torchaudio
     stand-in: vLLM-Omni's server imports both at module level, their PyPI builds do not load beside
     torch 2.13.0+cpu), the test plugins' entry points (CPU platform, fixed captions), the repository."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(SHIMS), str(PLUGIN_PATH), str(REPO_ROOT), env.get("PYTHONPATH", "")])
     env[FAKE_CAPTION_ENV] = "1"
@@ -244,18 +236,7 @@ def omni_server(tiny_checkpoint, tmp_path_factory):
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vllm serve exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve did not come up in {SERVER_START_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(2)
+        wait_until_healthy(process, url, log_path, SERVER_START_TIMEOUT_S, poll_s=2, name="vllm serve")
         yield url
     finally:
         with contextlib.suppress(ProcessLookupError):

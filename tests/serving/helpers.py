@@ -41,15 +41,31 @@ class Server:
         return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def wait_until_healthy(process: subprocess.Popen, url: str, log: Path, timeout_s: float, *, poll_s: float,
+                       name: str) -> None:
+    """Poll GET {url}/health until it answers 200; fail the test with the log's tail if ``process`` exits
+    or ``timeout_s`` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"{name} exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            pytest.fail(f"{name} did not become healthy in {timeout_s}s:\n{log.read_text()[-4000:]}")
+        time.sleep(poll_s)
+
+
 @contextlib.contextmanager
 def start_server(checkpoint: Path, log_dir: Path, *args: str) -> Iterator[Server]:
-    port = _free_port()
+    port = free_port()
     log = log_dir / f"server-{port}.log"
     command = [
         sys.executable, "-m", "vllm_layered.cli", "serve", "--model", str(checkpoint), "--port", str(port),
@@ -59,16 +75,7 @@ def start_server(checkpoint: Path, log_dir: Path, *args: str) -> Iterator[Server
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     server = Server(f"http://127.0.0.1:{port}", str(checkpoint), log)
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not become healthy:\n{log.read_text()[-4000:]}")
-            time.sleep(0.2)
+        wait_until_healthy(process, server.base_url, log, STARTUP_TIMEOUT_S, poll_s=0.2, name="server")
         yield server
     finally:
         process.send_signal(signal.SIGINT)
