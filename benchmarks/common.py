@@ -6,6 +6,7 @@ weights straight on the GPU (no 54 GB download, no checkpoint files).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import statistics
@@ -85,6 +86,14 @@ def fp8_transformer_sharing(ours: LayeredTransformer) -> LayeredTransformer:
     install_weights(fp8, ours.state_dict().items(), component="transformer")
     quantize_fp8(fp8)
     return fp8.eval()
+
+
+def fp8_pipeline_sharing(pipe):
+    """A shallow copy of the pipeline ``pipe`` whose transformer is `fp8_transformer_sharing` of its own: the
+    text encoder, VAE and bf16 weights are shared, so bf16 and FP8 can be timed in one process."""
+    fp8_pipe = copy.copy(pipe)
+    fp8_pipe.transformer = fp8_transformer_sharing(pipe.transformer)
+    return fp8_pipe
 
 
 def random_text_encoder(device="cuda", dtype=torch.bfloat16):

@@ -15,7 +15,6 @@ bf16 GEMM rate measured in this run; each pipeline is reported as seconds, secon
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import statistics
 import sys
@@ -27,7 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import forward_flops, fp8_transformer_sharing, gemm_tflops, write_results  # noqa: E402
+from benchmarks.common import forward_flops, fp8_pipeline_sharing, gemm_tflops, write_results  # noqa: E402
 from benchmarks.engine import diffusers_pipeline  # noqa: E402
 from benchmarks.pipeline_step import CAPTION, random_pipeline, timed  # noqa: E402
 from vllm_layered.model_executor.image_processing import bucket_size  # noqa: E402
@@ -119,9 +118,7 @@ def main() -> None:
 
     pipe = random_pipeline()
     ref = None if args.no_diffusers else diffusers_pipeline(pipe)
-    fp8_pipe = copy.copy(pipe) if args.fp8 else None
-    if fp8_pipe is not None:  # the same pipeline with an FP8 transformer (sharing the bf16 tensors it keeps)
-        fp8_pipe.transformer = fp8_transformer_sharing(pipe.transformer)
+    fp8_pipe = fp8_pipeline_sharing(pipe) if args.fp8 else None
     gemm = gemm_tflops()
     rows = []
     with torch.no_grad():

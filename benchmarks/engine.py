@@ -3,10 +3,12 @@
 Mixed workload: layers uniform in 2..8 at 640, CFG, the same requests for every system:
   (a) our engine with step-level batching,
   (b) the same engine one request at a time (max_running=1),
-  (c) diffusers' QwenImageLayeredPipeline one request at a time (FIFO, sharing the same weights).
-Reports throughput and p50/p95 latency at saturation and at a Poisson rate below it.
+  (c) diffusers' QwenImageLayeredPipeline one request at a time (FIFO, sharing the same weights, bf16).
+Reports throughput and p50/p95 latency at saturation and at a Poisson rate below it. ``--quantization fp8``
+runs (a) and (b) with the FP8 transformer (still against bf16 diffusers). Each row prints as it finishes.
 
-    python benchmarks/engine.py [--requests 8] [--steps 50] [--load 0.7 | 0]
+    python benchmarks/engine.py [--requests 8] [--steps 50] [--load 0.7 | 0] [--quantization none|fp8]
+                                [--rate R --no-saturation] [--systems a,b,c]   (e.g. the Poisson rows alone)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import diffusers_transformer_sharing, write_results  # noqa: E402
+from benchmarks.common import diffusers_transformer_sharing, fp8_pipeline_sharing, write_results  # noqa: E402
 from benchmarks.pipeline_step import CAPTION, random_pipeline  # noqa: E402
 from vllm_layered.model_executor.pipeline import GenerationParams  # noqa: E402
 from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig  # noqa: E402
@@ -116,45 +118,57 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--load", type=float, default=0.7,
                         help="Poisson rate as a fraction of (b)'s capacity (0: saturation only)")
-    parser.add_argument("--no-diffusers", action="store_true")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="Poisson rate in req/s (default: --load x (b)'s measured saturation throughput)")
+    parser.add_argument("--no-saturation", action="store_true", help="skip the saturation rows (needs --rate)")
+    parser.add_argument("--systems", default="a,b,c", help="which of (a), (b), (c) to run, comma separated")
+    parser.add_argument("--quantization", choices=("none", "fp8"), default="none",
+                        help="the transformer of (a) and (b); (c) stays bf16")
     args = parser.parse_args()
+    systems = set(args.systems.split(","))
+    if args.no_saturation and args.rate is None:
+        parser.error("--no-saturation needs --rate (the Poisson rate comes from the saturation rows otherwise)")
 
     pipe = random_pipeline()
+    ours = fp8_pipeline_sharing(pipe) if args.quantization == "fp8" else pipe
     work = workload(args.requests, args.steps)
     layers = [n for _, n in work]
     warm = workload(1, 2, seed=9)
-    asyncio.run(run_engine(pipe, warm, [0.0], 2, 4))  # warm-up: kernels, autotuning, allocator
+    asyncio.run(run_engine(ours, warm, [0.0], 2, 4))  # warm-up: kernels, autotuning, allocator
     torch.cuda.reset_peak_memory_stats()
     rows = []
+
+    def record(name: str, latencies: list[float], makespan: float) -> None:
+        rows.append(summarize(name, latencies, makespan, layers))
+        print(rows[-1], flush=True)
+
+    engines = [(name, max_running) for key, name, max_running in (
+        ("a", "(a) engine, batched", 32), ("b", "(b) engine, one at a time", 1)) if key in systems]
     sat = arrivals(args.requests, None)
-    lat, span = asyncio.run(run_engine(pipe, work, sat, args.steps, max_running=32))
-    rows.append(summarize("(a) engine, batched, saturation", lat, span, layers))
-    lat, span = asyncio.run(run_engine(pipe, work, sat, args.steps, max_running=1))
-    rows.append(summarize("(b) engine, one at a time, saturation", lat, span, layers))
-    print(rows, flush=True)
-    if args.load > 0:
-        rate = args.load * rows[-1]["req_per_s"]
+    for name, max_running in () if args.no_saturation else engines:
+        record(f"{name}, saturation", *asyncio.run(run_engine(ours, work, sat, args.steps, max_running)))
+    if args.rate or args.load > 0:
+        rate = args.rate or args.load * rows[-1]["req_per_s"]
         poisson = arrivals(args.requests, rate)
-        for name, max_running in (("(a) engine, batched", 32), ("(b) engine, one at a time", 1)):
-            lat, span = asyncio.run(run_engine(pipe, work, poisson, args.steps, max_running))
-            rows.append(summarize(f"{name}, Poisson {rate:.3f} req/s", lat, span, layers))
-            print(rows[-1], flush=True)
-    if not args.no_diffusers:
+        print(f"Poisson arrivals at {[round(t, 1) for t in poisson]} s", flush=True)
+        for name, max_running in engines:
+            record(f"{name}, Poisson {rate:.3f} req/s",
+                   *asyncio.run(run_engine(ours, work, poisson, args.steps, max_running)))
+    if "c" in systems:
         ref = diffusers_pipeline(pipe)
         with torch.no_grad():
-            lat, span = run_diffusers(ref, pipe, work, sat, args.steps)
-        rows.append(summarize("(c) diffusers, one at a time, saturation", lat, span, layers))
+            record("(c) diffusers, one at a time, saturation", *run_diffusers(ref, pipe, work, sat, args.steps))
     peak = torch.cuda.max_memory_allocated() / 1e9
     write_results("engine.json", {"args": vars(args), "layers": layers, "rows": rows, "peak_gb": peak,
                                   "device": torch.cuda.get_device_name(), "threads": threading.active_count()})
-    print(f"\n{args.requests} requests, layers {layers}, 640, {args.steps} steps, CFG, on "
+    print(f"\n{args.requests} requests, layers {layers}, 640, {args.steps} steps, CFG, ours {args.quantization}, on "
           f"{torch.cuda.get_device_name()}; peak GPU memory {peak:.1f} GB")
     print(f"{'system':52s} {'req/s':>7s} {'layers/s':>8s} {'p50 s':>7s} {'p95 s':>7s}")
     for r in rows:
         print(f"{r['system']:52s} {r['req_per_s']:7.3f} {r['layers_per_s']:8.2f} {r['p50_s']:7.1f} {r['p95_s']:7.1f}")
-    a, b = rows[0]["req_per_s"], rows[1]["req_per_s"]
-    print(f"saturation throughput: (a)/(b) = {a / b:.2f}x" + (
-        f", (a)/(c) = {a / rows[-1]['req_per_s']:.2f}x" if not args.no_diffusers else ""))
+    if not args.no_saturation and {"a", "b", "c"} <= systems:
+        a, b, c = (rows[i]["req_per_s"] for i in (0, 1, -1))
+        print(f"saturation throughput: (a)/(b) = {a / b:.2f}x, (a)/(c) = {a / c:.2f}x")
 
 
 if __name__ == "__main__":

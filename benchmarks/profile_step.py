@@ -1,6 +1,6 @@
 """Where the time of one packed CFG step goes: GPU kernel time by category, and GPU idle time.
 
-    python benchmarks/profile_step.py [--shape 640x4] [--backend sdpa]
+    python benchmarks/profile_step.py [--shape 640x4] [--backend sdpa] [--fp8]
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import bench_ms, random_transformer, write_results  # noqa: E402
 from benchmarks.forward import COND_TEXT, UNCOND_TEXT, inputs, set_backend  # noqa: E402
 from vllm_layered.model_executor.forward_batch import SequenceLayout  # noqa: E402
+from vllm_layered.model_executor.models.fp8_linear import quantize_fp8  # noqa: E402
 
 CATEGORIES = (  # first match wins
     ("attention", ("fmha", "flash", "cudnn", "attn", "sdpa")),
     ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "sm90")),
     ("norm+rope", ("qk_norm_rope",)),
     ("adaln", ("layernorm_modulate", "gated_residual")),
+    ("fp8 quantize", ("quantize_rows",)),
     ("copy/index", ("copy", "index", "gather", "scatter", "cat")),
 )
 
@@ -39,10 +41,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", default="640x4")
     parser.add_argument("--backend", default="sdpa")
+    parser.add_argument("--fp8", action="store_true", help="profile the FP8 transformer (quantization='fp8')")
     args = parser.parse_args()
     res, layers = (int(x) for x in args.shape.split("x"))
     side = res // 16
     model = random_transformer()
+    if args.fp8:
+        quantize_fp8(model)
     set_backend(model, args.backend)
     layouts = [SequenceLayout(COND_TEXT, layers, side, side), SequenceLayout(UNCOND_TEXT, layers, side, side)]
     batch = inputs(layouts, torch.Generator("cuda").manual_seed(0))
@@ -59,14 +64,15 @@ def main() -> None:
             by_kernel[evt.name][0] += evt.device_time_total / 1e3
             by_kernel[evt.name][1] += 1
     busy = sum(by_cat.values())
-    print(f"\n{args.shape} packed CFG step, backend {args.backend}: {step_ms:.1f} ms wall, {busy:.1f} ms kernels")
+    fp8 = ", fp8" if args.fp8 else ""
+    print(f"\n{args.shape} packed CFG step, backend {args.backend}{fp8}: {step_ms:.1f} ms wall, {busy:.1f} ms kernels")
     for cat, ms in sorted(by_cat.items(), key=lambda kv: -kv[1]):
         print(f"  {cat:18s} {ms:8.1f} ms  {100 * ms / busy:5.1f}%")
     print("top kernels:")
     top = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:15]
     for name, (ms, count) in top:
         print(f"  {ms:8.1f} ms {count:5d}x  {name[:110]}")
-    write_results(f"profile_{args.shape}.json", {"step_ms": step_ms, "categories": by_cat,
+    write_results(f"profile_{args.shape}{'_fp8' if args.fp8 else ''}.json", {"step_ms": step_ms, "categories": by_cat,
                                                   "kernels": {n: v for n, v in top}})
 
 

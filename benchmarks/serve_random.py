@@ -4,7 +4,7 @@ Builds the same random pipeline as the other benchmarks (benchmarks/pipeline_ste
 the real app and engine on loopback; `vllm-layered bench serve/sweep` then measures it from beside it.
 ``--model`` serves a diffusers folder instead (e.g. the tiny checkpoint, to try the setup on a CPU).
 
-    python benchmarks/serve_random.py [--port 8000] [--model FOLDER]
+    python benchmarks/serve_random.py [--port 8000] [--model FOLDER] [--quantization none|fp8]
 """
 
 from __future__ import annotations
@@ -28,15 +28,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", default=None, help="a diffusers folder instead of random full-size weights")
+    parser.add_argument("--quantization", choices=("none", "fp8"), default="none")
     args = parser.parse_args()
     if args.model:
         from vllm_layered.model_executor.pipeline import LayeredPipeline
 
-        pipeline = LayeredPipeline.from_pretrained(args.model)
+        pipeline = LayeredPipeline.from_pretrained(args.model, quantization=args.quantization)
     else:
         from benchmarks.pipeline_step import random_pipeline
+        from vllm_layered.model_executor.models.fp8_linear import quantize_fp8
 
         pipeline = random_pipeline()
+        if args.quantization == "fp8":
+            quantize_fp8(pipeline.transformer)
     metrics = ServingMetrics()
     engine = AsyncLayeredEngine(pipeline, EngineConfig(model_name="Qwen/Qwen-Image-Layered"), observer=metrics)
     app = build_app(engine, tenants=TenantRegistry.open(), limits=ServerLimits(), metrics=metrics,

@@ -10,13 +10,15 @@ import torch
 from vllm_layered.kernels.triton_utils import HAS_TRITON, interpreting
 
 
-def _fix_interpreter_bf16() -> None:
-    """Make Triton's CPU interpreter treat bfloat16 as the GPU does (it stores bf16 as raw uint16 bits).
+def _fix_interpreter_casts() -> None:
+    """Make Triton's CPU interpreter treat bfloat16 and e4m3 as the GPU does (it stores bf16 as raw uint16 bits).
 
     - float32 -> bfloat16 casts truncate in the interpreter; the GPU (and PyTorch) round to nearest even.
       Truncation adds a one-sided error at every rounding step that the references do not have.
     - tl.dot on bfloat16 operands multiplies the raw bits as integers; widen them to float32 first.
-    Both are interpreter artefacts, so without these the tests would measure the interpreter.
+    - float32 -> e4m3 rounds half up and loses the carry into the exponent (125.9 becomes 64, not 128); the GPU
+      rounds to nearest even (cvt.rn.satfinite), as PyTorch does.
+    All are interpreter artefacts, so without these the tests would measure the interpreter.
     """
     import numpy as np
     import triton.language as tl
@@ -24,9 +26,11 @@ def _fix_interpreter_bf16() -> None:
 
     builder = getattr(interpreter, "InterpreterBuilder", None)
     handle = getattr(interpreter, "TensorHandle", None)
-    if builder is None or handle is None or not hasattr(builder, "cast_impl") or not hasattr(builder, "create_dot"):
+    if builder is None or handle is None or not all(
+        hasattr(builder, name) for name in ("cast_impl", "create_dot", "create_fp_to_fp")
+    ):
         return
-    cast_impl, create_dot = builder.cast_impl, builder.create_dot
+    cast_impl, create_dot, create_fp_to_fp = builder.cast_impl, builder.create_dot, builder.create_fp_to_fp
 
     def bf16_to_f32(h):
         return handle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
@@ -42,12 +46,19 @@ def _fix_interpreter_bf16() -> None:
         b = bf16_to_f32(b) if b.dtype.scalar == tl.bfloat16 else b
         return create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
 
+    def patched_create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.float8e4nv:
+            data = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.float8_e4m3fn)
+            return handle(data.view(torch.uint8).numpy(), tl.float8e4nv)
+        return create_fp_to_fp(self, src, dst_type, rounding_mode)
+
     builder.cast_impl = patched_cast_impl
     builder.create_dot = patched_create_dot
+    builder.create_fp_to_fp = patched_create_fp_to_fp
 
 
 if HAS_TRITON and interpreting():
-    _fix_interpreter_bf16()
+    _fix_interpreter_casts()
 
 
 @pytest.fixture(autouse=True)

@@ -1,13 +1,17 @@
 import pytest
 import torch
 
+from tests.kernels.fp8_checks import assert_same_quantization, dequantize, rel_err
 from vllm_layered.kernels.adaln import (
     gated_residual,
     gated_residual_ref,
     layernorm_modulate,
+    layernorm_modulate_fp8,
+    layernorm_modulate_fp8_ref,
     layernorm_modulate_ref,
 )
-from vllm_layered.kernels.triton_utils import HAS_TRITON
+from vllm_layered.kernels.fp8 import quantize_rows_ref
+from vllm_layered.kernels.triton_utils import HAS_TRITON, interpreting
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -33,6 +37,26 @@ def test_layernorm_modulate(n, c, num_segments, dtype, device, check_close):
     assert layernorm_modulate(x, shift, scale, seg, eps=1e-6, out=out) is out
     check_close(out, layernorm_modulate_ref(x, shift, scale, seg, eps=1e-6))
     check_close(layernorm_modulate(x, shift, scale, seg.long()), layernorm_modulate_ref(x, shift, scale, seg))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, c, num_segments", [(37, 48, 3), (9, 96, 1), (64, 200, 5)])
+def test_layernorm_modulate_fp8(n, c, num_segments, dtype, device):
+    """The fused quantization equals quantizing the unfused kernel's output (bit for bit in the interpreter), and
+    the reference (eager modulation, then fp8.quantize_rows_ref) up to the modulation's own rounding. Rows of
+    very different sizes (after modulation) each get their own scale."""
+    x, (shift, scale, *_), seg = make_inputs(n, c, num_segments, dtype, device)
+    shift = shift * torch.logspace(-1, 2, shift.shape[0], device=device)[:, None].to(dtype)
+    q, q_scale = layernorm_modulate_fp8(x, shift, scale, seg)
+    unfused = quantize_rows_ref(layernorm_modulate(x, shift, scale, seg))
+    assert_same_quantization(q, q_scale, *unfused, exact=interpreting())
+    q_ref, scale_ref = layernorm_modulate_fp8_ref(x, shift, scale, seg)
+    torch.testing.assert_close(q_scale, scale_ref, rtol=1e-2, atol=0)
+    assert rel_err(dequantize(q, q_scale), dequantize(q_ref, scale_ref)) < 1e-2
+    assert (q.view(torch.uint8) == q_ref.view(torch.uint8)).float().mean().item() > 0.95
+    q_empty, scale_empty = layernorm_modulate_fp8(x[:0], shift, scale, seg[:0])
+    assert q_empty.shape == (0, c) and scale_empty.shape == (0,)
 
 
 @needs_triton
@@ -102,5 +126,9 @@ def test_real_shapes_gpu(dtype, check_close):
     n, c = 2 * 9600, 3072  # image rows of 640 px / 4 layers, cond + uncond
     x, (shift, scale, gate, *_), seg = make_inputs(n, c, 2, dtype, "cuda")
     check_close(layernorm_modulate(x, shift, scale, seg), layernorm_modulate_ref(x, shift, scale, seg))
+    if dtype == torch.bfloat16:
+        q, q_scale = layernorm_modulate_fp8(x, shift, scale, seg)
+        unfused = quantize_rows_ref(layernorm_modulate(x, shift, scale, seg))
+        assert_same_quantization(q, q_scale, *unfused, exact=False)
     y = torch.randn_like(x)
     check_close(gated_residual(x, y, gate, seg, inplace=False), gated_residual_ref(x, y, gate, seg, inplace=False))

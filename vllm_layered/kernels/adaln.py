@@ -1,5 +1,8 @@
 """AdaLN for packed batches: LayerNorm (no affine) + per-sequence modulation, and the gated residual.
 
+With an FP8 transformer the modulation also quantizes its output for the FP8 linears that read it
+(`layernorm_modulate_fp8`), so that output never goes through memory in bf16.
+
 Rows of one stream ([N, C]) belong to different sequences (requests x CFG branch, at different
 timesteps); `seg[i]` picks row i's shift/scale/gate out of [S, C] tables. One program per row.
 
@@ -11,9 +14,13 @@ materialises is rounded to the activation dtype at the same place.
 import torch
 import torch.nn.functional as F
 
+from vllm_layered.kernels.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS, quantize_row_values, quantize_rows_ref
 from vllm_layered.kernels.triton_utils import require_triton, row_settings, tl, triton
 
-__all__ = ["gated_residual", "gated_residual_ref", "layernorm_modulate", "layernorm_modulate_ref"]
+__all__ = [
+    "gated_residual", "gated_residual_ref", "layernorm_modulate", "layernorm_modulate_fp8",
+    "layernorm_modulate_fp8_ref", "layernorm_modulate_ref",
+]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -21,16 +28,17 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 
 @triton.jit
 def _layernorm_modulate_kernel(
-    X, SHIFT, SCALE, SEG, OUT,  #
+    X, SHIFT, SCALE, SEG, OUT, OUT_SCALE,  #
     stride_xn, stride_shift, stride_scale, stride_on,  #
-    n_cols, eps,  #
-    BLOCK_C: tl.constexpr,
+    n_cols, eps, fp8_eps,  #
+    BLOCK_C: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr,
 ):
     # x, out: [N, C]; shift, scale: [S, C]; seg: [N]. y = LN(x) * (1 + scale[seg]) + shift[seg]
+    # FP8: out is e4m3 and out_scale [N] float32, y rounded to x's dtype and quantized per row (fp8.py's rule)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     mask = cols < n_cols
-    dtype = OUT.dtype.element_ty
+    dtype = X.dtype.element_ty
 
     x = tl.load(X + row * stride_xn + cols, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=0) / n_cols
@@ -42,7 +50,12 @@ def _layernorm_modulate_kernel(
     scale = tl.load(SCALE + seg * stride_scale + cols, mask=mask, other=0.0).to(tl.float32)
     shift = tl.load(SHIFT + seg * stride_shift + cols, mask=mask, other=0.0).to(tl.float32)
     y = (normed * (1.0 + scale).to(dtype).to(tl.float32)).to(dtype).to(tl.float32) + shift
-    tl.store(OUT + row * stride_on + cols, y.to(dtype), mask=mask)
+    if FP8:
+        q, q_scale = quantize_row_values(y.to(dtype).to(tl.float32), fp8_eps, FP8_MAX)
+        tl.store(OUT + row * stride_on + cols, q.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT_SCALE + row, q_scale)
+    else:
+        tl.store(OUT + row * stride_on + cols, y.to(dtype), mask=mask)
 
 
 @triton.jit
@@ -121,23 +134,28 @@ def layernorm_modulate(
     """
     require_triton("layernorm_modulate")
     _check_inputs(x, {"shift": shift, "scale": scale}, seg, {"out": out})
-    n, c = x.shape
     x, shift, scale = (_last_dim_contiguous(t) for t in (x, shift, scale))
     seg = seg.contiguous()
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     elif out.stride(-1) != 1:
         raise ValueError("out must be contiguous over C")
+    _launch_layernorm_modulate(x, shift, scale, seg, eps, out, None)
+    return out
+
+
+def _launch_layernorm_modulate(x, shift, scale, seg, eps, out, out_scale) -> None:
+    """One program per row over contiguous-in-C x, shift, scale, out; FP8 output when out_scale is given."""
+    n, c = x.shape
     if n == 0:
-        return out
+        return
     block_c, num_warps = row_settings(c)
     _layernorm_modulate_kernel[(n,)](
-        x, shift, scale, seg, out,  #
+        x, shift, scale, seg, out, out if out_scale is None else out_scale,  #
         x.stride(0), shift.stride(0), scale.stride(0), out.stride(0),  #
-        c, eps,  #
-        BLOCK_C=block_c, num_warps=num_warps,
+        c, eps, SCALE_EPS,  #
+        BLOCK_C=block_c, FP8=out_scale is not None, FP8_MAX=FP8_MAX, num_warps=num_warps,
     )
-    return out
 
 
 def layernorm_modulate_ref(
@@ -154,6 +172,38 @@ def layernorm_modulate_ref(
     seg = seg.long()
     y = F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale[seg]) + shift[seg]
     return y if out is None else out.copy_(y)
+
+
+def layernorm_modulate_fp8(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    seg: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`layernorm_modulate` with its output quantized per row to e4m3 in the same pass, for an FP8 linear that
+    reads it: (q [N, C] e4m3, scale [N] float32), as fp8.quantize_rows would give on the bf16 output, without
+    writing and re-reading that output."""
+    require_triton("layernorm_modulate_fp8")
+    _check_inputs(x, {"shift": shift, "scale": scale}, seg, {})
+    x, shift, scale = (_last_dim_contiguous(t) for t in (x, shift, scale))
+    q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+    q_scale = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    _launch_layernorm_modulate(x, shift, scale, seg.contiguous(), eps, q, q_scale)
+    return q, q_scale
+
+
+def layernorm_modulate_fp8_ref(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    seg: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch version of `layernorm_modulate_fp8`: the eager modulation, then the row quantization."""
+    return quantize_rows_ref(layernorm_modulate_ref(x, shift, scale, seg, eps=eps))
 
 
 def gated_residual(

@@ -18,12 +18,28 @@ import torch.nn.functional as F
 
 from vllm_layered.kernels.triton_utils import require_triton, row_settings, tl, triton
 
-__all__ = ["FP8_DTYPE", "FP8_MAX", "SCALE_EPS", "fp8_gemm", "fp8_gemm_ref", "quantize_rows", "quantize_rows_ref"]
+__all__ = [
+    "FP8_DTYPE", "FP8_MAX", "SCALE_EPS", "fp8_gemm", "fp8_gemm_ref", "quantize_row_values", "quantize_rows",
+    "quantize_rows_ref",
+]
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 SCALE_EPS = 1e-12  # floor of a row's amax: an all-zero row gets a tiny scale instead of 0 / 0
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Fast accumulation only where it pays: a GEMM of few rows (the text stream) reads weights, not sums. Below this
+# it would also fail: cuBLASLt 13.0 on an H200 has no kernel for fast accumulation + bias + row-wise scales at
+# K=12288, N=3072 for M <= 42 (CUBLAS_STATUS_NOT_SUPPORTED; every M works without one of the three).
+FAST_ACCUM_MIN_ROWS = 128
+
+
+@triton.jit
+def quantize_row_values(x, eps, FP8_MAX: tl.constexpr):
+    """The quantization rule on one row held in registers (float32, masked lanes 0): (values clamped to the e4m3
+    range, still float32 for the caller's cast and store; the row's scale). Shared with kernels that quantize
+    their own output (adaln.layernorm_modulate_fp8)."""
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0), eps) / FP8_MAX
+    return tl.clamp(x / scale, -FP8_MAX, FP8_MAX), scale
 
 
 @triton.jit
@@ -44,9 +60,7 @@ def _quantize_rows_kernel(
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi) (x + 0.044715 x^3)
         x = x / (1.0 + tl.exp(-2.0 * u))
         x = x.to(X.dtype.element_ty).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=0)
-    scale = tl.maximum(amax, eps) / FP8_MAX
-    q = tl.clamp(x / scale, -FP8_MAX, FP8_MAX)
+    q, scale = quantize_row_values(x, eps, FP8_MAX)
     tl.store(Q + row * stride_qm + cols, q.to(Q.dtype.element_ty), mask=mask)
     tl.store(SCALE + row, scale)
 
@@ -138,12 +152,13 @@ def fp8_gemm(
 
     xq: [M, K] e4m3, row-major; wq: [N, K] e4m3 (its transpose is the column-major operand _scaled_mm wants);
     K and N multiples of 16; bias in out_dtype (bf16 with a bf16 output). ``out`` may be a row slice of a larger
-    contiguous buffer. ``fast_accum`` lets the tensor cores accumulate in reduced precision (faster, less exact).
+    contiguous buffer. ``fast_accum`` lets the tensor cores accumulate in reduced precision (faster, less exact);
+    it is used from `FAST_ACCUM_MIN_ROWS` rows on.
     """
     _check_gemm(xq, x_scale, wq, w_scale, bias, out_dtype, out)
     return torch._scaled_mm(
         xq, wq.t(), scale_a=x_scale.view(-1, 1), scale_b=w_scale.view(1, -1), bias=bias,
-        out_dtype=out_dtype, use_fast_accum=fast_accum, out=out,
+        out_dtype=out_dtype, use_fast_accum=fast_accum and xq.shape[0] >= FAST_ACCUM_MIN_ROWS, out=out,
     )
 
 

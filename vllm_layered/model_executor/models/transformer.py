@@ -99,7 +99,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.ModuleList([_GELUProj(dim, hidden), nn.Identity(), nn.Linear(hidden, dim)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         if isinstance(self.net[2], Fp8Linear):  # FP8: GELU fused into the quantization of net.2's input
             return self.net[2](quantize_activation(self.net[0].proj(x), gelu=True))
         return self.net[2](self.net[0](x))
@@ -135,13 +135,14 @@ class JointAttention(nn.Module):
         self.backend = "auto"  # attention backend, see vllm_layered.kernels.attention
 
     def forward(
-        self, img: torch.Tensor, txt: torch.Tensor, meta: PackedMetadata
+        self, img: torch.Tensor | Fp8Rows, txt: torch.Tensor | Fp8Rows, meta: PackedMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # img, txt: the modulated streams (already quantized when the projections are FP8)
         # q, k, v: [S_total, H, D] joint buffers, each sequence's rows ordered [text, image]
         heads = (-1, self.num_heads, self.head_dim)
         shape = (meta.total_tokens, self.num_heads, self.head_dim)
-        q, k, v = (img.new_empty(shape) for _ in range(3))
-        norm_rope = qk_norm_rope.qk_norm_rope if use_triton(img) else qk_norm_rope.qk_norm_rope_ref
+        q, k, v = (torch.empty(shape, dtype=img.dtype, device=img.device) for _ in range(3))
+        norm_rope = qk_norm_rope.qk_norm_rope if use_triton(q) else qk_norm_rope.qk_norm_rope_ref
         streams = (
             (img, meta.img_rows, meta.img_spans, (self.to_q, self.to_k, self.to_v), (self.norm_q, self.norm_k),
              (meta.img_cos, meta.img_sin)),
@@ -161,8 +162,8 @@ class JointAttention(nn.Module):
             out = exchange.gather_heads(out)
         out = out.view(meta.total_tokens, -1)
         out = fp8_input(out, self.to_out[0], self.to_add_out)  # FP8: quantized once for both projections
-        img_out = linear_spans(out, self.to_out[0], meta.img_spans, img.new_empty(img.shape), to_joint=False)
-        txt_out = linear_spans(out, self.to_add_out, meta.txt_spans, txt.new_empty(txt.shape), to_joint=False)
+        img_out = linear_spans(out, self.to_out[0], meta.img_spans, q.new_empty(img.shape), to_joint=False)
+        txt_out = linear_spans(out, self.to_add_out, meta.txt_spans, q.new_empty(txt.shape), to_joint=False)
         return img_out, txt_out
 
 
@@ -185,8 +186,14 @@ def linear_spans(
     return out
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-    """LayerNorm without affine, then per-sequence AdaLN: norm(x) * (1 + scale[seg]) + shift[seg]."""
+def modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, seg: torch.Tensor, *, fp8: bool = False
+) -> torch.Tensor | Fp8Rows:
+    """LayerNorm without affine, then per-sequence AdaLN: norm(x) * (1 + scale[seg]) + shift[seg]; quantized for
+    FP8 linears in the same pass with ``fp8``."""
+    if fp8:
+        fn = adaln.layernorm_modulate_fp8 if use_triton(x) else adaln.layernorm_modulate_fp8_ref
+        return Fp8Rows(*fn(x, shift, scale, seg), x.dtype)
     fn = adaln.layernorm_modulate if use_triton(x) else adaln.layernorm_modulate_ref
     return fn(x, shift, scale, seg)
 
@@ -214,11 +221,14 @@ class DualStreamBlock(nn.Module):
         im = self.img_mod(temb).chunk(6, dim=-1)
         tm = self.txt_mod(temb).chunk(6, dim=-1)
         si, st = meta.img_seg, meta.txt_seg
-        img_attn, txt_attn = self.attn(modulate(img, im[0], im[1], si), modulate(txt, tm[0], tm[1], st), meta)
+        fp8 = isinstance(self.attn.to_q, Fp8Linear)  # quantize_fp8 converts all of a block's projections or none
+        img_attn, txt_attn = self.attn(
+            modulate(img, im[0], im[1], si, fp8=fp8), modulate(txt, tm[0], tm[1], st, fp8=fp8), meta
+        )
         img = gated_add(img, img_attn, im[2], si)
         txt = gated_add(txt, txt_attn, tm[2], st)
-        img = gated_add(img, self.img_mlp(modulate(img, im[3], im[4], si)), im[5], si)
-        txt = gated_add(txt, self.txt_mlp(modulate(txt, tm[3], tm[4], st)), tm[5], st)
+        img = gated_add(img, self.img_mlp(modulate(img, im[3], im[4], si, fp8=fp8)), im[5], si)
+        txt = gated_add(txt, self.txt_mlp(modulate(txt, tm[3], tm[4], st, fp8=fp8)), tm[5], st)
         return img, txt
 
 
