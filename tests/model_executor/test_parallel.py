@@ -109,6 +109,23 @@ def test_parallel_forward_equals_one_process(tiny_checkpoint, reference, cfg_deg
     assert rel_err(got_one, expected_one) < 1e-5
 
 
+def test_fp8_sequence_parallel_equals_one_process(tiny_checkpoint, reference):
+    """FP8 on sharded rows: each SP rank quantizes its own tokens (per-token scales), so the shards' FP8 forward
+    is the one-process FP8 forward (measured: 0 difference; FP8 vs float32 is 3e-2 on this model). The bound
+    leaves room for a value on an e4m3 rounding boundary to flip under a different GEMM blocking."""
+    _, batch, _ = reference
+    folder = tiny_checkpoint / "transformer"
+    model = LayeredTransformer.from_pretrained(folder, dtype=torch.float32, quantization="fp8")
+    factory = CheckpointTransformer(folder, torch.float32, "fp8")
+    parallel = ParallelTransformer.launch(model, factory, ParallelConfig(sp_degree=2), torch.device("cpu"))
+    try:
+        with torch.no_grad():
+            got, expected = parallel(batch), model(batch)
+    finally:
+        parallel.close()
+    assert rel_err(got, expected) < 1e-4
+
+
 def test_a_dead_rank_fails_fast_and_makes_the_engine_unhealthy(tiny_checkpoint, reference):
     model, batch, _ = reference
     factory = CheckpointTransformer(tiny_checkpoint / "transformer", torch.float32)
