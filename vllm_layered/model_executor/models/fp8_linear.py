@@ -3,8 +3,9 @@
 The checkpoint still loads in bf16; `quantize_fp8` then swaps the selected ``nn.Linear`` of every block for an
 `Fp8Linear`: weight [N, K] quantized once per output channel (e4m3 + float32 ``weight_scale`` [N]), bias kept in
 bf16, the bf16 weight freed. Activations are quantized per token at run time (vllm_layered/kernels/fp8.py) and
-multiplied by ``torch._scaled_mm`` with row-wise scales, on Hopper ~1.6-2x the bf16 GEMM rate at these shapes.
-Elsewhere (CPU) the float32 references compute the same math, so the numerics and the wiring are testable.
+multiplied by ``torch._scaled_mm`` with row-wise scales: 1.7x the bf16 GEMM rate on an H200 (1333 vs 784
+TFLOP/s; benchmarks/RESULTS.md). Elsewhere (CPU) the float32 references compute the same math, so the
+numerics and the wiring are testable.
 
 Quantized: QKV, output projections and MLPs of both streams (24 C^2 of a block's 36 C^2 weights, nearly all of
 its GEMM FLOPs). Kept in bf16: the AdaLN modulation linears (one row per sequence: weight-read bound, and their
