@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 from psd_tools import PSDImage
 
@@ -59,6 +60,15 @@ def test_parallel_flags_make_the_parallel_config():
         args = build_parser().parse_args([*command, "--cfg-parallel", "--sp-degree", "2"])
         assert parallel_config(args) == ParallelConfig(cfg_degree=2, sp_degree=2)
         assert parallel_config(build_parser().parse_args(command)).world_size == 1
+
+
+def test_step_order_flag():
+    from vllm_layered.cli import build_parser
+
+    assert build_parser().parse_args(["serve"]).step_order == "srpt"
+    assert build_parser().parse_args(["serve", "--step-order", "fcfs"]).step_order == "fcfs"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--step-order", "lifo"])
 
 
 def test_sp_degree_that_does_not_divide_the_heads_is_refused_before_loading(tiny_checkpoint, tmp_path):

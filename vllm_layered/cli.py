@@ -140,6 +140,8 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_server_parsers(sub: argparse._SubParsersAction) -> None:
+    from vllm_layered.serving.engine.scheduler import STEP_ORDERS
+
     p = sub.add_parser("serve", help="serve the OpenAI-compatible images API")
     p.add_argument("--model", help="diffusers folder or Hugging Face repo id (default: the embedded tiny model)")
     p.add_argument("--served-model-name", nargs="+", help="name(s) clients use for the model (default: --model)")
@@ -148,6 +150,9 @@ def _add_server_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-keys", type=Path, help="JSON file of tenants and key hashes (default: open, no keys)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
     p.add_argument("--max-running", type=int, default=32, help="requests denoised together at most")
+    p.add_argument("--step-order", default="srpt", choices=STEP_ORDERS,
+                   help="who steps first: least remaining work (srpt: lowest mean latency) or first submitted "
+                        "(fcfs: lowest worst-case latency)")
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest request body")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest input image (width * height)")
     p.add_argument("--max-n", type=int, default=4, help="most decompositions per request")

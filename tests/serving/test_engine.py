@@ -235,15 +235,16 @@ def test_failed_preprocessing_fails_only_that_request(pipeline):
     assert len(run(scenario()).layers) == 1
 
 
-def test_short_request_overtakes_a_long_one_at_a_step_boundary(pipeline):
+@pytest.mark.parametrize("step_order, order", [("srpt", ["short", "long"]), ("fcfs", ["long", "short"])])
+def test_short_request_overtakes_a_long_one_at_a_step_boundary(pipeline, step_order, order):
     """With no room to pack both, the request with less remaining work takes the steps (then the long one
-    resumes from where it paused and finishes)."""
+    resumes from where it paused and finishes); under step_order="fcfs" the first submitted keeps them."""
     long, short = request("long", layers=1, steps=40, seed=1), request("short", layers=1, steps=2, seed=2)
     budget = request_tokens(long)  # the two never fit one forward (real image tokens dwarf the text estimate)
     finished, recorder = [], Recorder()
 
     async def scenario():
-        engine = await started_engine(pipeline, recorder, token_budget=budget)
+        engine = await started_engine(pipeline, recorder, token_budget=budget, step_order=step_order)
         long_handle = engine.submit(long)
         await wait_for(long_handle, "step")
         short_handle = engine.submit(short)
@@ -258,6 +259,17 @@ def test_short_request_overtakes_a_long_one_at_a_step_boundary(pipeline):
         return outputs
 
     long_out, short_out = run(scenario())
-    assert finished == ["short", "long"]
-    assert max(recorder.steps) == 1 and sum(recorder.steps) == 42  # never packed: the short one overtook
+    assert finished == order
+    assert max(recorder.steps) == 1 and sum(recorder.steps) == 42  # never packed: one of them waited
     assert len(long_out.layers) == len(short_out.layers) == 1
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(max_waiting=0), "max_waiting and max_running must be positive"),
+    (dict(token_budget=0), "token_budget must be positive"),
+    (dict(aging_s=0), "aging_s must be positive"),
+    (dict(step_order="lifo"), "unknown step_order 'lifo'"),
+])
+def test_engine_config_refuses_bad_values(bad, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**bad)

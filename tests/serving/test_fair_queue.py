@@ -52,8 +52,8 @@ def test_remove_and_peek_skip_removed_entries():
     assert q.ordered() == ["b", "c"]
 
 
-def candidate(name, *, remaining, tokens=10, priority=0, paused=0.0):
-    return StepCandidate(name, priority, remaining, tokens, paused)
+def candidate(name, *, remaining, tokens=10, priority=0, paused=0.0, arrival=0.0):
+    return StepCandidate(name, priority, remaining, tokens, paused, arrival)
 
 
 def test_step_batch_runs_least_remaining_work_first_within_the_budget():
@@ -72,3 +72,16 @@ def test_step_batch_priority_first_and_aging_prevents_starvation():
     fresh_short = candidate("short", remaining=100)
     assert pick_step_batch([fresh_short, candidate("long", remaining=900, paused=60)], 10, 30) == ["short"]
     assert pick_step_batch([fresh_short, candidate("long", remaining=900, paused=300)], 10, 30) == ["long"]
+
+
+def test_step_batch_first_come_first_served_order():
+    """fcfs: the earliest submitted steps first however much work it has left; priority still comes first."""
+    running = [candidate("late-short", remaining=100, arrival=5.0), candidate("early-long", remaining=900, arrival=1.0),
+               candidate("mid", remaining=400, arrival=3.0)]
+    assert pick_step_batch(running, 10, 30, "fcfs") == ["early-long"]
+    assert pick_step_batch(running, 25, 30, "fcfs") == ["early-long", "mid"]
+    assert pick_step_batch(running, 10, 30, "srpt") == ["late-short"]
+    urgent = candidate("urgent", remaining=900, priority=1, arrival=9.0)
+    assert pick_step_batch([*running, urgent], 10, 30, "fcfs") == ["urgent"]
+    with pytest.raises(ValueError, match="unknown step order"):
+        pick_step_batch(running, 10, 30, "lifo")

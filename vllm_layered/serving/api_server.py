@@ -575,6 +575,7 @@ def run_server(args: argparse.Namespace) -> int:
         model_name=served_names[0],
         max_waiting=args.max_queue,
         max_running=args.max_running,
+        step_order=args.step_order,
         tenant_weights=tenants.weights(),
     )
     metrics = ServingMetrics()

@@ -42,7 +42,13 @@ from vllm_layered.serving.engine.request import (
     RequestOutput,
     RequestStatus,
 )
-from vllm_layered.serving.engine.scheduler import FairQueue, QueueFullError, StepCandidate, pick_step_batch
+from vllm_layered.serving.engine.scheduler import (
+    STEP_ORDERS,
+    FairQueue,
+    QueueFullError,
+    StepCandidate,
+    pick_step_batch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +68,9 @@ ADMISSION_FACTOR = 2
 class EngineConfig:
     """max_waiting bounds the queue; token_budget bounds the tokens of one packed forward (None: on a GPU
     the smaller of SATURATING_TOKENS and what free memory allows); a request larger than it runs alone.
-    aging_s: a request passed over for that long counts its remaining work half (see pick_step_batch)."""
+    step_order: which running requests step first, "srpt" (least remaining work: lowest mean latency) or
+    "fcfs" (first submitted: lowest worst-case latency); aging_s: under "srpt", a request passed over for that
+    long counts its remaining work half (see pick_step_batch)."""
 
     model_name: str = "Qwen/Qwen-Image-Layered"
     max_waiting: int = 256
@@ -71,6 +79,7 @@ class EngineConfig:
     tenant_weights: dict[str, float] = field(default_factory=dict)
     stuck_after_s: float = 600.0
     aging_s: float = 30.0
+    step_order: str = "srpt"
 
     def __post_init__(self) -> None:
         if self.max_waiting < 1 or self.max_running < 1:
@@ -79,6 +88,8 @@ class EngineConfig:
             raise ValueError(f"token_budget must be positive, got {self.token_budget}")
         if self.aging_s <= 0:
             raise ValueError(f"aging_s must be positive, got {self.aging_s}")
+        if self.step_order not in STEP_ORDERS:
+            raise ValueError(f"unknown step_order {self.step_order!r}; choose one of {', '.join(STEP_ORDERS)}")
 
 
 def default_token_budget(pipeline: LayeredPipeline) -> int:
@@ -307,8 +318,8 @@ class AsyncLayeredEngine:
             state = entry.state
             candidates.append(StepCandidate(entry, entry.request.priority,
                                             (state.num_steps - state.step) * state.step_tokens, state.step_tokens,
-                                            now - entry.last_step))
-        return pick_step_batch(candidates, self.token_budget, self.config.aging_s)
+                                            now - entry.last_step, entry.arrival_time))
+        return pick_step_batch(candidates, self.token_budget, self.config.aging_s, self.config.step_order)
 
     def _step(self) -> None:
         batch = self._pick_batch()

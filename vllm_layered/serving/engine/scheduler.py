@@ -85,26 +85,40 @@ class FairQueue:
             heapq.heappop(self._heap)
 
 
+STEP_ORDERS = ("srpt", "fcfs")
+
+
 @dataclass(frozen=True)
 class StepCandidate:
-    """An admitted request as the step scheduler sees it. ``paused_s``: since it last took a step."""
+    """An admitted request as the step scheduler sees it. ``paused_s``: since it last took a step;
+    ``arrival``: when it was submitted (monotonic seconds)."""
 
     item: Hashable
     priority: int
     remaining_work: float
     tokens: int
     paused_s: float
+    arrival: float = 0.0
 
 
-def pick_step_batch(candidates: list[StepCandidate], token_budget: int, aging_s: float) -> list[Hashable]:
-    """The requests that take the next step: by priority, then least remaining work first (shortest
-    remaining processing time: when one request already fills the GPU, running the shortest first lowers
-    everyone's latency and costs no throughput), greedily within ``token_budget`` (the first always runs).
+def pick_step_batch(
+    candidates: list[StepCandidate], token_budget: int, aging_s: float, order: str = "srpt"
+) -> list[Hashable]:
+    """The requests that take the next step, by priority and then by ``order``, greedily within
+    ``token_budget`` (the first always runs).
 
-    Remaining work is divided by ``1 + paused_s / aging_s``, so a long request that keeps being overtaken
-    gains ground and cannot starve.
+    "srpt": least remaining work first (shortest remaining processing time: when one request already fills
+    the GPU, running the shortest first lowers the mean latency at no cost in throughput). Remaining work is
+    divided by ``1 + paused_s / aging_s``, so a long request that keeps being overtaken gains ground and
+    cannot starve. "fcfs": first submitted first, which keeps the longest latency lowest instead (a long
+    request is never overtaken; measured in benchmarks/RESULTS.md, session 3 engine run).
     """
+    if order not in STEP_ORDERS:
+        raise ValueError(f"unknown step order {order!r}; choose one of {', '.join(STEP_ORDERS)}")
+
     def key(c: StepCandidate) -> tuple[int, float]:
+        if order == "fcfs":
+            return -c.priority, c.arrival
         return -c.priority, c.remaining_work / (1 + c.paused_s / aging_s)
 
     batch, tokens = [], 0
