@@ -59,8 +59,10 @@ def summarize(name: str, latencies: list[float], makespan: float, layers: list[i
     )
 
 
-async def run_engine(pipe, work, offsets, steps: int, max_running: int) -> tuple[list[float], float]:
-    engine = AsyncLayeredEngine(pipe, EngineConfig(max_running=max_running))
+async def run_engine(
+    pipe, work, offsets, steps: int, max_running: int, step_order: str = "srpt"
+) -> tuple[list[float], float]:
+    engine = AsyncLayeredEngine(pipe, EngineConfig(max_running=max_running, step_order=step_order))
     await engine.start()
     start = time.perf_counter()
 
@@ -122,6 +124,7 @@ def main() -> None:
                         help="Poisson rate in req/s (default: --load x (b)'s measured saturation throughput)")
     parser.add_argument("--no-saturation", action="store_true", help="skip the saturation rows (needs --rate)")
     parser.add_argument("--systems", default="a,b,c", help="which of (a), (b), (c) to run, comma separated")
+    parser.add_argument("--step-order", default="srpt", choices=("srpt", "fcfs"), help="(a)'s step order")
     parser.add_argument("--quantization", choices=("none", "fp8"), default="none",
                         help="the transformer of (a) and (b); (c) stays bf16")
     args = parser.parse_args()
@@ -143,17 +146,18 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     engines = [(name, max_running) for key, name, max_running in (
-        ("a", "(a) engine, batched", 32), ("b", "(b) engine, one at a time", 1)) if key in systems]
+        ("a", f"(a) engine, batched, {args.step_order}", 32), ("b", "(b) engine, one at a time", 1)) if key in systems]
     sat = arrivals(args.requests, None)
     for name, max_running in () if args.no_saturation else engines:
-        record(f"{name}, saturation", *asyncio.run(run_engine(ours, work, sat, args.steps, max_running)))
+        record(f"{name}, saturation",
+               *asyncio.run(run_engine(ours, work, sat, args.steps, max_running, args.step_order)))
     if args.rate or args.load > 0:
         rate = args.rate or args.load * rows[-1]["req_per_s"]
         poisson = arrivals(args.requests, rate)
         print(f"Poisson arrivals at {[round(t, 1) for t in poisson]} s", flush=True)
         for name, max_running in engines:
             record(f"{name}, Poisson {rate:.3f} req/s",
-                   *asyncio.run(run_engine(ours, work, poisson, args.steps, max_running)))
+                   *asyncio.run(run_engine(ours, work, poisson, args.steps, max_running, args.step_order)))
     if "c" in systems:
         ref = diffusers_pipeline(pipe)
         with torch.no_grad():
