@@ -37,6 +37,16 @@ def random_batch(layouts: list[SequenceLayout], in_channels: int, text_dim: int)
     return ForwardBatch(img, txt, model_timestep(sigmas, torch.float32), layouts)
 
 
+def forward_both_ways(model, factory, config: ParallelConfig, device: torch.device, batch: ForwardBatch):
+    """The batch through freshly launched ranks and through the one-process model: (parallel, one process)."""
+    parallel = ParallelTransformer.launch(model, factory, config, device)
+    try:
+        with torch.no_grad():
+            return parallel(batch), model(batch)
+    finally:
+        parallel.close()
+
+
 def test_split_sequences_balances_tokens_and_separates_cfg_branches():
     cond, uncond = SequenceLayout(9, 4, 8, 8), SequenceLayout(3, 4, 8, 8)
     assert split_sequences([cond, uncond], 2) == [[0], [1]]
@@ -117,12 +127,7 @@ def test_fp8_sequence_parallel_equals_one_process(tiny_checkpoint, reference):
     folder = tiny_checkpoint / "transformer"
     model = LayeredTransformer.from_pretrained(folder, dtype=torch.float32, quantization="fp8")
     factory = CheckpointTransformer(folder, torch.float32, "fp8")
-    parallel = ParallelTransformer.launch(model, factory, ParallelConfig(sp_degree=2), torch.device("cpu"))
-    try:
-        with torch.no_grad():
-            got, expected = parallel(batch), model(batch)
-    finally:
-        parallel.close()
+    got, expected = forward_both_ways(model, factory, ParallelConfig(sp_degree=2), torch.device("cpu"), batch)
     assert rel_err(got, expected) < 1e-4
 
 
@@ -163,12 +168,7 @@ def test_parallel_forward_on_gpus_with_nccl(tiny_checkpoint, cfg_degree, sp_degr
     batch = ForwardBatch(batch.image_tokens.to(device), batch.text_embeds.to(device), batch.timesteps.to(device),
                          batch.layouts)
     factory = CheckpointTransformer(tiny_checkpoint / "transformer", torch.float32)
-    parallel = ParallelTransformer.launch(model, factory, ParallelConfig(cfg_degree, sp_degree), device)
-    try:
-        with torch.no_grad():
-            got, expected = parallel(batch), model(batch)
-    finally:
-        parallel.close()
+    got, expected = forward_both_ways(model, factory, ParallelConfig(cfg_degree, sp_degree), device, batch)
     assert rel_err(got, expected) < 1e-4
 
 
