@@ -234,10 +234,7 @@ class LayeredAPI:
                 404, f"model {options.model!r} is not served here; try {self.model_names[0]!r}",
                 code="model_not_found", param="model",
             )
-        if options.n > self.limits.max_n:
-            raise APIError(
-                400, f"n must be between 1 and {self.limits.max_n}, got {options.n}", code="invalid_value", param="n"
-            )
+        self.limits.check_n(options.n)
         if options.package in _PACKAGE_MODULES and importlib.util.find_spec(_PACKAGE_MODULES[options.package]) is None:
             raise APIError(
                 400, f"package={options.package} needs {_PACKAGE_MODULES[options.package]} on the server",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vllm_layered.serving.protocol import APIError
+
 
 @dataclass(frozen=True)
 class ServerLimits:
@@ -21,3 +23,8 @@ class ServerLimits:
             raise ValueError("max_upload_bytes, max_pixels and max_n must be positive")
         if not 0 <= self.png_compress_level <= 9:
             raise ValueError(f"png_compress_level must be 0-9, got {self.png_compress_level}")
+
+    def check_n(self, n: int) -> None:
+        """Refuse more decompositions per request than ``max_n`` (a 400 on ``n``)."""
+        if n > self.max_n:
+            raise APIError(400, f"n must be between 1 and {self.max_n}, got {n}", code="invalid_value", param="n")

@@ -246,8 +246,7 @@ def _options(form: dict[str, Any]) -> ImageEditForm:
         options = ImageEditForm.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:
         raise validation_error(e) from None
-    if options.n > LIMITS.max_n:
-        raise APIError(400, f"n must be between 1 and {LIMITS.max_n}, got {options.n}", param="n")
+    LIMITS.check_n(options.n)
     return options
 
 
