@@ -11,9 +11,10 @@ Quantized: QKV, output projections and MLPs of both streams (24 C^2 of a block's
 its GEMM FLOPs). Kept in bf16: the AdaLN modulation linears (one row per sequence: weight-read bound, and their
 shift/scale/gate steer every token), the embedders, norm_out and proj_out.
 
-Inputs shared by several FP8 layers are quantized once (`fp8_input`): the stream rows read by Q, K and V, and
-the joint attention output read by both output projections; the MLP's GELU is fused into the quantization of the
-second linear's input.
+Inputs shared by several FP8 layers are quantized once: the stream rows read by Q, K and V (and those read by the
+MLP) by the AdaLN kernel that writes them (kernels/adaln.layernorm_modulate_fp8), the joint attention output read
+by both output projections by `fp8_input`; the MLP's GELU is fused into the quantization of the second linear's
+input.
 """
 
 from __future__ import annotations
@@ -127,10 +128,9 @@ class Fp8Linear(nn.Module):
                 f"out_dtype={self.out_dtype}, fast_accum={self.fast_accum}")
 
 
-def fp8_input(x: torch.Tensor | Fp8Rows, *consumers: nn.Module) -> torch.Tensor | Fp8Rows:
-    """x quantized once when every consumer is an Fp8Linear (each would quantize the same rows), else x (also when
-    x is quantized already)."""
-    if not isinstance(x, Fp8Rows) and consumers and all(isinstance(m, Fp8Linear) for m in consumers):
+def fp8_input(x: torch.Tensor, *consumers: nn.Module) -> torch.Tensor | Fp8Rows:
+    """x quantized once when every consumer is an Fp8Linear (each would quantize the same rows), else x."""
+    if consumers and all(isinstance(m, Fp8Linear) for m in consumers):
         return quantize_activation(x)
     return x
 

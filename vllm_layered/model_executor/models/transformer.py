@@ -137,7 +137,8 @@ class JointAttention(nn.Module):
     def forward(
         self, img: torch.Tensor | Fp8Rows, txt: torch.Tensor | Fp8Rows, meta: PackedMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # img, txt: the modulated streams (already quantized when the projections are FP8)
+        # img, txt: the modulated streams, quantized once for Q, K and V when the projections are FP8 (see
+        # DualStreamBlock; an FP8 projection given bf16 rows quantizes them itself)
         # q, k, v: [S_total, H, D] joint buffers, each sequence's rows ordered [text, image]
         heads = (-1, self.num_heads, self.head_dim)
         shape = (meta.total_tokens, self.num_heads, self.head_dim)
@@ -150,7 +151,6 @@ class JointAttention(nn.Module):
              (self.norm_added_q, self.norm_added_k), (meta.txt_cos, meta.txt_sin)),
         )
         for x, rows, spans, (proj_q, proj_k, proj_v), (norm_q, norm_k), (cos, sin) in streams:
-            x = fp8_input(x, proj_q, proj_k, proj_v)  # FP8: the rows quantized once for Q, K and V
             norm_rope(proj_q(x).view(heads), norm_q.weight, cos, sin, eps=norm_q.eps, out=q, out_rows=rows)
             norm_rope(proj_k(x).view(heads), norm_k.weight, cos, sin, eps=norm_k.eps, out=k, out_rows=rows)
             linear_spans(x, proj_v, spans, v.view(meta.total_tokens, -1), to_joint=True)
