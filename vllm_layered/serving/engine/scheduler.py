@@ -98,7 +98,7 @@ class StepCandidate:
     remaining_work: float
     tokens: int
     paused_s: float
-    arrival: float = 0.0
+    arrival: float
 
 
 def pick_step_batch(
