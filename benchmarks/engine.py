@@ -129,8 +129,8 @@ def main() -> None:
                         help="the transformer of (a) and (b); (c) stays bf16")
     args = parser.parse_args()
     systems = set(args.systems.split(","))
-    if args.no_saturation and args.rate is None:
-        parser.error("--no-saturation needs --rate (the Poisson rate comes from the saturation rows otherwise)")
+    if args.rate is None and args.load > 0 and (args.no_saturation or "b" not in systems):
+        parser.error("without --rate the Poisson rate comes from (b)'s saturation row: run (b) at saturation")
 
     pipe = random_pipeline()
     ours = fp8_pipeline_sharing(pipe) if args.quantization == "fp8" else pipe
@@ -152,7 +152,7 @@ def main() -> None:
         record(f"{name}, saturation",
                *asyncio.run(run_engine(ours, work, sat, args.steps, max_running, args.step_order)))
     if args.rate or args.load > 0:
-        rate = args.rate or args.load * rows[-1]["req_per_s"]
+        rate = args.rate or args.load * next(r for r in rows if r["system"].startswith("(b)"))["req_per_s"]
         poisson = arrivals(args.requests, rate)
         print(f"Poisson arrivals at {[round(t, 1) for t in poisson]} s", flush=True)
         for name, max_running in engines:
