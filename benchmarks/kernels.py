@@ -187,7 +187,6 @@ def _attention_case(bench: Bench, args: argparse.Namespace, batch: int, seq: int
         "triton varlen": lambda: attn.varlen_attention(q, k, v, cu, seq),
         "sdpa:cudnn (dispatcher)": lambda: attn.attention(q, k, v, cu, seq, backend="sdpa:cudnn"),
         "sdpa:flash (dispatcher)": lambda: attn.attention(q, k, v, cu, seq, backend="sdpa:flash"),
-        "cudnn_varlen (dispatcher)": lambda: attn.attention(q, k, v, cu, seq, backend="cudnn_varlen"),
         "sdpa cudnn (direct)": lambda: direct_sdpa(SDPBackend.CUDNN_ATTENTION),
         "sdpa flash (direct)": lambda: direct_sdpa(SDPBackend.FLASH_ATTENTION),
     }

@@ -9,9 +9,6 @@ Backends:
 - "sdpa": torch SDPA per run of equal-length sequences, with no mask so that cuDNN/flash can be chosen;
   "sdpa:cudnn", "sdpa:flash", "sdpa:efficient", "sdpa:math" pin SDPA's kernel.
 - "flex": FlexAttention with a block-diagonal BlockMask (compiled on CUDA).
-- "cudnn_varlen": cuDNN's fused attention over all the packed sequences in one call (ragged offsets), as
-  torch's nested-tensor SDPA calls it: one launch per layer instead of one per run of equal lengths, and no
-  output copy. CUDA only (experimental: not yet measured against "sdpa").
 - "auto": "sdpa" on the CPU; on CUDA the backend recorded by `set_attention_backend` for the device and
   shape bucket (from measurements), overridden by the env var VLLM_LAYERED_ATTENTION; "sdpa" otherwise.
 """
@@ -35,7 +32,6 @@ __all__ = [
     "attention",
     "attention_shape_bucket",
     "clear_attention_backends",
-    "cudnn_varlen_attention",
     "flex_attention_available",
     "flex_varlen_attention",
     "resolve_attention_backend",
@@ -51,7 +47,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _LOG2E = 1.4426950408889634
 _SDPA_KERNELS = ("cudnn", "flash", "efficient", "math")
-BACKENDS = ("triton", "sdpa", "flex", "cudnn_varlen", *(f"sdpa:{kernel}" for kernel in _SDPA_KERNELS))
+BACKENDS = ("triton", "sdpa", "flex", *(f"sdpa:{kernel}" for kernel in _SDPA_KERNELS))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -300,33 +296,6 @@ def sdpa_varlen_attention(
     return out
 
 
-def cudnn_varlen_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    *,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """cuDNN flash attention over packed sequences in one call, through ``aten._cudnn_attention_forward`` with
-    cumulative sequence offsets (the entry point torch's jagged nested-tensor SDPA uses). [S_total, H, D] in,
-    [S_total, H, D] out. cuDNN's ragged mode needs CUDA, 16-bit inputs and a longest sequence of more than
-    128 tokens (any of Qwen-Image-Layered's: one image frame alone is 1024+)."""
-    _check_inputs(q, k, v, cu_seqlens, max_seqlen)
-    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or max_seqlen <= 128:
-        raise ValueError(
-            f"cudnn_varlen needs CUDA float16/bfloat16 inputs and max_seqlen > 128, got {q.device} {q.dtype} "
-            f"max_seqlen {max_seqlen}"
-        )
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    cu_seqlens = cu_seqlens.to(torch.int32)
-    return torch.ops.aten._cudnn_attention_forward(
-        q, k, v, None, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, False, 0.0, False, False,
-        scale=_softmax_scale(scale, q.shape[-1]),
-    )[0]
-
-
 def _sdpa_context(kernel: str | None):
     if kernel is None:
         return contextlib.nullcontext()
@@ -467,7 +436,5 @@ def attention(
         return varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=scale)
     if backend == "flex":
         return flex_varlen_attention(q, k, v, cu_seqlens, scale=scale)
-    if backend == "cudnn_varlen":
-        return cudnn_varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=scale)
     _, _, kernel = backend.partition(":")
     return sdpa_varlen_attention(q, k, v, cu_seqlens, scale=scale, sdpa_kernel=kernel or None, bounds=bounds)
