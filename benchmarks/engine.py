@@ -167,9 +167,10 @@ def main() -> None:
                                   "device": torch.cuda.get_device_name(), "threads": threading.active_count()})
     print(f"\n{args.requests} requests, layers {layers}, 640, {args.steps} steps, CFG, ours {args.quantization}, on "
           f"{torch.cuda.get_device_name()}; peak GPU memory {peak:.1f} GB")
-    print(f"{'system':52s} {'req/s':>7s} {'layers/s':>8s} {'p50 s':>7s} {'p95 s':>7s}")
+    print(f"{'system':52s} {'req/s':>7s} {'layers/s':>8s} {'mean s':>7s} {'p50 s':>7s} {'p95 s':>7s}")
     for r in rows:
-        print(f"{r['system']:52s} {r['req_per_s']:7.3f} {r['layers_per_s']:8.2f} {r['p50_s']:7.1f} {r['p95_s']:7.1f}")
+        print(f"{r['system']:52s} {r['req_per_s']:7.3f} {r['layers_per_s']:8.2f} {r['mean_s']:7.1f} {r['p50_s']:7.1f} "
+              f"{r['p95_s']:7.1f}")
     if not args.no_saturation and {"a", "b", "c"} <= systems:
         a, b, c = (rows[i]["req_per_s"] for i in (0, 1, -1))
         print(f"saturation throughput: (a)/(b) = {a / b:.2f}x, (a)/(c) = {a / c:.2f}x")
