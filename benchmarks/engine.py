@@ -29,9 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import diffusers_transformer_sharing, fp8_pipeline_sharing, write_results  # noqa: E402
 from benchmarks.pipeline_step import CAPTION, random_pipeline  # noqa: E402
+from vllm_layered.model_executor.models.fp8_linear import QUANTIZATIONS  # noqa: E402
 from vllm_layered.model_executor.pipeline import GenerationParams  # noqa: E402
 from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig  # noqa: E402
 from vllm_layered.serving.engine.request import LayeredRequest  # noqa: E402
+from vllm_layered.serving.engine.scheduler import STEP_ORDERS  # noqa: E402
 
 
 def workload(n: int, steps: int, seed: int = 0) -> list[tuple[Image.Image, int]]:
@@ -124,8 +126,8 @@ def main() -> None:
                         help="Poisson rate in req/s (default: --load x (b)'s measured saturation throughput)")
     parser.add_argument("--no-saturation", action="store_true", help="skip the saturation rows (needs --rate)")
     parser.add_argument("--systems", default="a,b,c", help="which of (a), (b), (c) to run, comma separated")
-    parser.add_argument("--step-order", default="srpt", choices=("srpt", "fcfs"), help="(a)'s step order")
-    parser.add_argument("--quantization", choices=("none", "fp8"), default="none",
+    parser.add_argument("--step-order", default="srpt", choices=STEP_ORDERS, help="(a)'s step order")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
                         help="the transformer of (a) and (b); (c) stays bf16")
     args = parser.parse_args()
     systems = set(args.systems.split(","))

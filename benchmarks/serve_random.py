@@ -17,6 +17,7 @@ import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vllm_layered.model_executor.models.fp8_linear import QUANTIZATIONS, quantize_fp8  # noqa: E402
 from vllm_layered.serving.api_server import build_app  # noqa: E402
 from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig  # noqa: E402
 from vllm_layered.serving.limits import ServerLimits  # noqa: E402
@@ -28,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", default=None, help="a diffusers folder instead of random full-size weights")
-    parser.add_argument("--quantization", choices=("none", "fp8"), default="none")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none")
     args = parser.parse_args()
     if args.model:
         from vllm_layered.model_executor.pipeline import LayeredPipeline
@@ -36,7 +37,6 @@ def main() -> None:
         pipeline = LayeredPipeline.from_pretrained(args.model, quantization=args.quantization)
     else:
         from benchmarks.pipeline_step import random_pipeline
-        from vllm_layered.model_executor.models.fp8_linear import quantize_fp8
 
         pipeline = random_pipeline()
         if args.quantization == "fp8":
