@@ -1,7 +1,7 @@
 """Shared pieces of the GPU benchmarks: full-size models with random weights, timing, the cost model.
 
-Speed does not depend on weight values, so the real configs are built with deterministic random bf16
-weights straight on the GPU (no 54 GB download, no checkpoint files).
+Speed does not depend on weight values, so the real configs are built with the seeded random bf16 weights of
+``--load-format dummy`` straight on the GPU (no 54 GB download, no checkpoint files).
 """
 
 from __future__ import annotations
@@ -15,30 +15,18 @@ from pathlib import Path
 
 import torch
 
+from vllm_layered.model_executor.dummy_model import dummy_weights, full_size_model_folder
 from vllm_layered.model_executor.models.fp8_linear import quantize_fp8
 from vllm_layered.model_executor.models.transformer import LayeredTransformer, TransformerConfig
-from vllm_layered.model_executor.models.vae import RGBAVAE, VAEConfig
-from vllm_layered.model_executor.random_weights import random_weights
 from vllm_layered.model_executor.weight_loader import install_weights
 
-FULL_VAE = dict(
-    base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-    temperal_downsample=[False, True, True], dropout=0.0, input_channels=4,
-    latents_mean=[0.0] * 16, latents_std=[1.0] * 16,
-)
-QWEN25_VL_7B = dict(  # Qwen2.5-VL-7B-Instruct geometry (the text encoder of Qwen-Image)
-    text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-              num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
-              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
-    vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                fullatt_block_indexes=[7, 15, 23, 31]),
-)
 
-
-def random_module(module_cls, config, *, component: str, device, dtype, seed: int = 0):
+def random_module(module_cls, config, *, component: str, device, dtype):
+    """``module_cls(config=config)`` with the seeded random weights of ``--load-format dummy``."""
     with torch.device("meta"):
         module = module_cls(config=config)
-    install_weights(module, random_weights(module, seed=seed, component=component, device=device, dtype=dtype))
+    install_weights(module, dummy_weights(module, component=component, device=device, dtype=dtype),
+                    component=component)
     return module.eval()
 
 
@@ -57,8 +45,10 @@ class RandomTransformer:
         return random_transformer(device=device, dtype=self.dtype)
 
 
-def random_vae(device="cuda", dtype=torch.bfloat16) -> RGBAVAE:
-    return random_module(RGBAVAE, VAEConfig(**FULL_VAE), component="vae", device=device, dtype=dtype)
+def full_size_vae_config() -> dict:
+    """The released RGBA-VAE's config (diffusers' AutoencoderKLQwenImage arguments)."""
+    raw = json.loads((full_size_model_folder() / "vae" / "config.json").read_text())
+    return {k: v for k, v in raw.items() if not k.startswith("_")}
 
 
 def diffusers_transformer_sharing(ours: LayeredTransformer):
@@ -94,20 +84,6 @@ def fp8_pipeline_sharing(pipe):
     fp8_pipe = copy.copy(pipe)
     fp8_pipe.transformer = fp8_transformer_sharing(pipe.transformer)
     return fp8_pipe
-
-
-def random_text_encoder(device="cuda", dtype=torch.bfloat16):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    config = Qwen2_5_VLConfig(text_config=QWEN25_VL_7B["text"], vision_config=QWEN25_VL_7B["vision"])
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen2_5_VLForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default)
-    return model.eval()
 
 
 def bench_ms(fn, *, warmup: int = 2, repeat: int = 5) -> float:

@@ -101,10 +101,10 @@ def run_diffusers(ref, pipe, work, offsets, steps: int) -> tuple[list[float], fl
 def diffusers_pipeline(pipe):
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline
 
-    from benchmarks.common import FULL_VAE
+    from benchmarks.common import full_size_vae_config
 
     with torch.device("cuda"):
-        vae = AutoencoderKLQwenImage(**FULL_VAE).to(torch.bfloat16)
+        vae = AutoencoderKLQwenImage(**full_size_vae_config()).to(torch.bfloat16)
     cfg = pipe.scheduler_config
     ref = QwenImageLayeredPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=cfg.use_dynamic_shifting,

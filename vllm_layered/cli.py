@@ -20,7 +20,6 @@ def _decompose(args: argparse.Namespace) -> int:
     from vllm_layered.model_executor.export import save_layers
     from vllm_layered.model_executor.image_processing import load_image
     from vllm_layered.model_executor.pipeline import GenerationParams, LayeredPipeline
-    from vllm_layered.model_executor.tiny_checkpoint import default_model_path
 
     # check the input before loading a 54 GB model
     image = load_image(args.image)
@@ -29,10 +28,10 @@ def _decompose(args: argparse.Namespace) -> int:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-    model = args.model or default_model_path()
     dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     pipe = LayeredPipeline.from_pretrained(
-        model, device=args.device, dtype=dtype, parallel=parallel_config(args), quantization=quantization(args)
+        model_path(args), device=args.device, dtype=dtype, parallel=parallel_config(args),
+        quantization=quantization(args), load_format=args.load_format,
     )
     with tqdm(total=args.steps, desc="denoising", unit="step", disable=args.quiet) as bar:
         result = pipe(
@@ -54,6 +53,19 @@ def _decompose(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_path(args: argparse.Namespace):
+    """--model; without it the embedded tiny model, or under --load-format dummy the released model's configs."""
+    if args.model:
+        return args.model
+    if args.load_format == "dummy":
+        from vllm_layered.model_executor.dummy_model import full_size_model_folder
+
+        return full_size_model_folder()
+    from vllm_layered.model_executor.tiny_checkpoint import default_model_path
+
+    return default_model_path()
+
+
 def parallel_config(args: argparse.Namespace):
     from vllm_layered.model_executor.parallel import ParallelConfig
 
@@ -69,6 +81,12 @@ def _add_quantization_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default="none", choices=("none", "fp8"),
                    help="fp8: e4m3 weights and per-token activations for the transformer's big linears "
                         "(needs an FP8 GPU: compute capability 8.9+, e.g. H100/H200; use with bf16)")
+
+
+def _add_load_format_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--load-format", default="safetensors", choices=("safetensors", "dummy"),
+                   help="dummy: the model's configs with seeded random weights, no weight file read (benchmarks and "
+                        "GPU tests without the 54 GB download; without --model, the released model's full size)")
 
 
 def _add_parallel_arguments(p: argparse.ArgumentParser) -> None:
@@ -162,6 +180,7 @@ def _add_server_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
     _add_parallel_arguments(p)
     _add_quantization_argument(p)
+    _add_load_format_argument(p)
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--no-access-log", action="store_true")
     p.set_defaults(func=_serve)
@@ -224,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_parallel_arguments(p)
     _add_quantization_argument(p)
+    _add_load_format_argument(p)
     p.set_defaults(func=_decompose)
 
     p = sub.add_parser("make-tiny-checkpoint", help="write a random tiny model in the official folder layout")

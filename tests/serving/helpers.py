@@ -64,11 +64,13 @@ def wait_until_healthy(process: subprocess.Popen, url: str, log: Path, timeout_s
 
 
 @contextlib.contextmanager
-def start_server(checkpoint: Path, log_dir: Path, *args: str) -> Iterator[Server]:
+def start_server(checkpoint: Path | None, log_dir: Path, *args: str) -> Iterator[Server]:
+    """`serve --model checkpoint` (None: no --model, the server's default) with ``args``, until the block ends."""
     port = free_port()
     log = log_dir / f"server-{port}.log"
+    model = ["--model", str(checkpoint)] if checkpoint is not None else []
     command = [
-        sys.executable, "-m", "vllm_layered.cli", "serve", "--model", str(checkpoint), "--port", str(port),
+        sys.executable, "-m", "vllm_layered.cli", "serve", *model, "--port", str(port),
         "--no-access-log", "--log-level", "warning", "--shutdown-grace", "1", *args,
     ]
     with open(log, "wb") as out:

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from vllm_layered.model_executor.denoise import DenoiseState, apply_velocity, build_forward_batch
+from vllm_layered.model_executor.dummy_model import check_load_format
 from vllm_layered.model_executor.image_processing import (
     bucket_size,
     composite_layers,
@@ -129,12 +130,16 @@ class LayeredPipeline:
         load_text_encoder: bool = True,
         parallel: ParallelConfig | None = None,
         quantization: str | None = None,
+        load_format: str = "safetensors",
     ) -> LayeredPipeline:
         """Load a diffusers-layout folder (or hub repo id). Without the text encoder, pass embeddings.
 
         ``parallel``: spread the transformer over that many processes (one GPU each, from ``device`` on).
         ``quantization``: None / "none", or "fp8" for the transformer (every rank quantizes the same way).
+        ``load_format``: "safetensors", or "dummy" for the folder's configs with seeded random weights
+        (dummy_model.py; no weight file is read, so a config-only folder will do).
         """
+        check_load_format(load_format)
         root = resolve_model_path(path_or_id)
         device, dtype = default_device_dtype(device, dtype)
         index = json.loads((root / "model_index.json").read_text())
@@ -144,15 +149,15 @@ class LayeredPipeline:
             heads = TransformerConfig.from_json(root / "transformer" / "config.json").num_attention_heads
             parallel.check(heads, device)
         transformer = LayeredTransformer.from_pretrained(
-            root / "transformer", device=device, dtype=dtype, quantization=quantization
+            root / "transformer", device=device, dtype=dtype, quantization=quantization, load_format=load_format
         )
         if parallel is not None and parallel.world_size > 1:
-            factory = CheckpointTransformer(root / "transformer", dtype, quantization)
+            factory = CheckpointTransformer(root / "transformer", dtype, quantization, load_format)
             transformer = ParallelTransformer.launch(transformer, factory, parallel, device)
         return cls(
             transformer=transformer,
-            vae=RGBAVAE.from_pretrained(root / "vae", device=device, dtype=dtype),
-            prompt_encoder=PromptEncoder.from_pretrained(root, device=device, dtype=dtype)
+            vae=RGBAVAE.from_pretrained(root / "vae", device=device, dtype=dtype, load_format=load_format),
+            prompt_encoder=PromptEncoder.from_pretrained(root, device=device, dtype=dtype, load_format=load_format)
             if load_text_encoder
             else None,
             scheduler_config=SchedulerConfig.from_json(root / "scheduler" / "scheduler_config.json"),

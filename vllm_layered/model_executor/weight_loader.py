@@ -15,6 +15,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from vllm_layered.model_executor.dummy_model import check_load_format, dummy_weights
+
 
 class WeightLoadError(ValueError):
     """A checkpoint does not match the module it is loaded into."""
@@ -97,7 +99,12 @@ def load_component(
     device: torch.device | str,
     dtype: torch.dtype | None,
     component: str,
+    load_format: str = "safetensors",
 ) -> set[str]:
-    """Stream one diffusers component folder (e.g. ``transformer/``) into a meta-built module."""
-    files = checkpoint_files(folder, stem)
-    return install_weights(module, iter_safetensors(files, device=device, dtype=dtype), component=component)
+    """Stream one diffusers component folder (e.g. ``transformer/``) into a meta-built module; with
+    ``load_format="dummy"`` its tensors are drawn at random instead (dummy_model.py) and no file is read."""
+    if check_load_format(load_format) == "dummy":
+        weights = dummy_weights(module, component=component, device=device, dtype=dtype)
+    else:
+        weights = iter_safetensors(checkpoint_files(folder, stem), device=device, dtype=dtype)
+    return install_weights(module, weights, component=component)

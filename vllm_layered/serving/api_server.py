@@ -547,12 +547,13 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def run_server(args: argparse.Namespace) -> int:
     """``vllm-layered serve``: load the model, build the engine and serve until interrupted."""
+    from pathlib import Path
+
     import torch
     import uvicorn
 
-    from vllm_layered.cli import parallel_config, quantization
+    from vllm_layered.cli import model_path, parallel_config, quantization
     from vllm_layered.model_executor.pipeline import LayeredPipeline
-    from vllm_layered.model_executor.tiny_checkpoint import DEFAULT_MODEL_DIRNAME, default_model_path
     from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig
 
     tenants = TenantRegistry.from_file(args.api_keys) if args.api_keys else TenantRegistry.open()
@@ -563,11 +564,12 @@ def run_server(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout,
     )
     dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    root = model_path(args)
     pipeline = LayeredPipeline.from_pretrained(
-        args.model or default_model_path(), device=args.device, dtype=dtype, parallel=parallel_config(args),
-        quantization=quantization(args),
+        root, device=args.device, dtype=dtype, parallel=parallel_config(args),
+        quantization=quantization(args), load_format=args.load_format,
     )
-    served_names = args.served_model_name or [args.model or DEFAULT_MODEL_DIRNAME]
+    served_names = args.served_model_name or [args.model or Path(root).name]
     config = EngineConfig(
         model_name=served_names[0],
         max_waiting=args.max_queue,

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from vllm_layered.model_executor.dummy_model import check_load_format, dummy_text_encoder
+
 PROMPT_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
     "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
@@ -75,17 +77,22 @@ class PromptEncoder:
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        load_format: str = "safetensors",
     ) -> PromptEncoder:
-        """Load ``root/text_encoder`` and ``root/tokenizer`` of a diffusers-layout folder."""
+        """Load ``root/text_encoder`` and ``root/tokenizer`` of a diffusers-layout folder
+        (``load_format="dummy"``: the text encoder's config with random weights, see dummy_model.py)."""
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
         from transformers.utils import is_accelerate_available
 
         root = Path(root)
         device = torch.device(device)
-        kwargs: dict = {"dtype": dtype}
-        if device.type != "cpu" and is_accelerate_available():
-            kwargs["device_map"] = str(device)  # stream the weights straight to the device
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder", **kwargs)
+        if check_load_format(load_format) == "dummy":
+            model = dummy_text_encoder(root / "text_encoder", device=device, dtype=dtype)
+        else:
+            kwargs: dict = {"dtype": dtype}
+            if device.type != "cpu" and is_accelerate_available():
+                kwargs["device_map"] = str(device)  # stream the weights straight to the device
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder", **kwargs)
         model.to(device).eval().requires_grad_(False)
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
         return cls(model, tokenizer, root / "processor")

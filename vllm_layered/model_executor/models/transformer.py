@@ -341,11 +341,12 @@ class LayeredTransformer(nn.Module):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.bfloat16,
         quantization: str | None = None,
+        load_format: str = "safetensors",
     ) -> LayeredTransformer:
         """Build on the meta device and stream a diffusers ``transformer/`` folder onto ``device``.
 
         ``quantization``: None / "none", or "fp8" (e4m3 weights and per-token activations for the blocks' big
-        linears, see fp8_linear.py); checked before anything loads.
+        linears, see fp8_linear.py); checked before anything loads. ``load_format="dummy"``: random weights.
         """
         quantization = check_quantization(quantization, device, dtype)
         folder = Path(folder)
@@ -353,7 +354,8 @@ class LayeredTransformer(nn.Module):
         with torch.device("meta"):
             model = cls(config=config)
         load_component(
-            model, folder, stem="diffusion_pytorch_model", device=device, dtype=dtype, component="transformer"
+            model, folder, stem="diffusion_pytorch_model", device=device, dtype=dtype, component="transformer",
+            load_format=load_format,
         )
         if quantization == "fp8":
             quantize_fp8(model)

@@ -311,14 +311,23 @@ class RGBAVAE(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+        cls,
+        folder: str | Path,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        load_format: str = "safetensors",
     ) -> RGBAVAE:
-        """Build on meta, then stream a diffusers ``vae/`` folder (config.json + safetensors) in."""
+        """Build on meta, then stream a diffusers ``vae/`` folder (config.json + safetensors) in
+        (``load_format="dummy"``: random weights)."""
         folder = Path(folder)
         config = VAEConfig.from_json(folder / "config.json")
         with torch.device("meta"):
             model = cls(config=config)
-        load_component(model, folder, stem="diffusion_pytorch_model", device=device, dtype=dtype, component="vae")
+        load_component(
+            model, folder, stem="diffusion_pytorch_model", device=device, dtype=dtype, component="vae",
+            load_format=load_format,
+        )
         return model.eval()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -33,15 +33,17 @@ TransformerFactory = Callable[[torch.device], LayeredTransformer]
 @dataclass(frozen=True)
 class CheckpointTransformer:
     """A TransformerFactory for the worker ranks: each loads the same diffusers ``transformer/`` folder, quantized
-    as rank 0's copy is (``quantization``: None or "fp8")."""
+    as rank 0's copy is (``quantization``: None or "fp8"), in the same ``load_format`` (dummy weights are seeded,
+    so every rank draws the same)."""
 
     folder: Path
     dtype: torch.dtype
     quantization: str | None = None
+    load_format: str = "safetensors"
 
     def __call__(self, device: torch.device) -> LayeredTransformer:
         return LayeredTransformer.from_pretrained(
-            self.folder, device=device, dtype=self.dtype, quantization=self.quantization
+            self.folder, device=device, dtype=self.dtype, quantization=self.quantization, load_format=self.load_format
         )
 
 
