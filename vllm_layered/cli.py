@@ -32,7 +32,8 @@ def _decompose(args: argparse.Namespace) -> int:
     model = args.model or default_model_path()
     dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     pipe = LayeredPipeline.from_pretrained(
-        model, device=args.device, dtype=dtype, parallel=parallel_config(args), quantization=quantization(args)
+        model, device=args.device, dtype=dtype, parallel=parallel_config(args), quantization=quantization(args),
+        attention_dtype=args.attention_dtype,
     )
     with tqdm(total=args.steps, desc="denoising", unit="step", disable=args.quiet) as bar:
         result = pipe(
@@ -69,6 +70,9 @@ def _add_quantization_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default="none", choices=("none", "fp8"),
                    help="fp8: e4m3 weights and per-token activations for the transformer's big linears "
                         "(needs an FP8 GPU: compute capability 8.9+, e.g. H100/H200; use with bf16)")
+    p.add_argument("--attention-dtype", default="bf16", choices=("bf16", "fp8"),
+                   help="fp8: attention in e4m3 on cuDNN (with --quantization fp8 only; needs Hopper or newer and "
+                        "pip install 'vllm-layered[fp8-attention]')")
 
 
 def _add_parallel_arguments(p: argparse.ArgumentParser) -> None:

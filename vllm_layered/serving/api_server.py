@@ -565,7 +565,7 @@ def run_server(args: argparse.Namespace) -> int:
     dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     pipeline = LayeredPipeline.from_pretrained(
         args.model or default_model_path(), device=args.device, dtype=dtype, parallel=parallel_config(args),
-        quantization=quantization(args),
+        quantization=quantization(args), attention_dtype=args.attention_dtype,
     )
     served_names = args.served_model_name or [args.model or DEFAULT_MODEL_DIRNAME]
     config = EngineConfig(
