@@ -45,7 +45,8 @@ __all__ = [
     "cudnn_fp8_attention", "cudnn_frontend_error", "graph_cache_info",
 ]
 
-INSTALL_HINT = "pip install 'vllm-layered[fp8-attention]' (or: pip install 'nvidia-cudnn-frontend>=1.32')"
+INSTALL_HINT = ("pip install 'vllm-layered[fp8-attention]' (or, without the frontend's CuTe DSL dependencies, which "
+                "this graph does not use: pip install --no-deps 'nvidia-cudnn-frontend>=1.32')")
 MIN_CAPABILITY = (9, 0)  # cuDNN's FP8 attention forward: Hopper and newer
 GRAPH_CACHE_SIZE = 64
 S_SCALE = FP8_MAX  # P <= 1 before its e4m3 cast: cuDNN's bound for e4m3 without dropout

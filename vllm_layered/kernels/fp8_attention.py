@@ -180,7 +180,7 @@ def quantize_v(v: torch.Tensor, seq_amax: torch.Tensor, cu_seqlens: torch.Tensor
         v, out.data, seq_amax.contiguous(), cu_seqlens.contiguous(), out.scale, out.o_inv, out.o_row_scale,  #
         v.stride(0), out.data.stride(0), out.scale.stride(0),  #
         k, row_offset, num_seqs, SCALE_EPS,  #
-        FP8_MAX=FP8_MAX, O_HEADROOM=O_HEADROOM, BLOCK_K=block_k, BLOCK_S=next_power_of_2(num_seqs),
+        FP8_MAX=FP8_MAX, O_HEADROOM=O_HEADROOM, BLOCK_K=block_k, BLOCK_S=max(next_power_of_2(num_seqs), 2),
         num_warps=num_warps,
     )
     return out
