@@ -9,7 +9,12 @@ layers to PIL images.
 Compute floor (DESIGN.md cost model): the FLOPs of all transformer forwards of the request divided by the
 bf16 GEMM rate measured in this run; each pipeline is reported as seconds, seconds / floor and floor % .
 
+With ``--fp8`` our pipeline is also timed with quantization='fp8' (FP8 GEMMs, bf16 attention), and with
+``--attention-dtype fp8`` (implies --fp8) once more with FP8 attention on top; each FP8 variant's layers are compared
+with ours in bf16 for the same request (mean and p99 |diff| in /255).
+
     python benchmarks/compare.py [--configs 640x4,1024x4] [--steps 50] [--repeat 1] [--no-diffusers] [--fp8]
+                                 [--attention-dtype bf16|fp8]
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from benchmarks.common import forward_flops, fp8_pipeline_sharing, gemm_tflops, 
 from benchmarks.engine import diffusers_pipeline  # noqa: E402
 from benchmarks.pipeline_step import CAPTION, random_pipeline, timed  # noqa: E402
 from vllm_layered.model_executor.image_processing import bucket_size  # noqa: E402
+from vllm_layered.model_executor.models.fp8_attention import ATTENTION_DTYPES, set_attention_dtype  # noqa: E402
 from vllm_layered.model_executor.pipeline import GenerationParams  # noqa: E402
 
 CFG_SCALE = 4.0
@@ -69,6 +75,13 @@ def run_diffusers(ref, image, cond, neg, steps: int, seed: int, **common) -> Non
         generator=torch.Generator(ref.device).manual_seed(seed), **common)
 
 
+def run_ours_attention(pipe, attention_dtype: str, *args, **kwargs):
+    """Our FP8 pipeline with its attention switched to ``attention_dtype`` first (a no-op once it is)."""
+    if pipe.transformer.attention_dtype != attention_dtype:
+        set_attention_dtype(pipe.transformer, attention_dtype)
+    return run_ours(pipe, *args, **kwargs)
+
+
 def measure(pipe, fp8_pipe, ref, resolution: int, layers: int, args: argparse.Namespace, gemm: float) -> dict:
     """One config: the floor, then each pipeline (warm-up request, then the median of ``repeat`` timed ones)."""
     image = input_image(resolution)
@@ -78,13 +91,15 @@ def measure(pipe, fp8_pipe, ref, resolution: int, layers: int, args: argparse.Na
     row = dict(resolution=resolution, layers=layers, steps=args.steps, cfg=CFG_SCALE,
                text_tokens=[cond.shape[0], neg.shape[0]], tflop=flops / 1e12, floor_s=flops / (gemm * 1e12))
     runs = {"ours": functools.partial(run_ours, pipe)}
-    if fp8_pipe is not None:
-        runs["ours_fp8"] = functools.partial(run_ours, fp8_pipe)
+    if fp8_pipe is not None:  # one FP8 transformer, its attention switched per variant
+        runs["ours_fp8"] = functools.partial(run_ours_attention, fp8_pipe, "bf16")
+        if args.attention_dtype == "fp8":
+            runs["ours_fp8_attn"] = functools.partial(run_ours_attention, fp8_pipe, "fp8")
     if ref is not None:
         runs["diffusers"] = functools.partial(run_diffusers, ref)
     outputs = {}
     for name, run in runs.items():
-        run(image, cond, neg, args.warmup_steps, 0, **common)  # one-time costs: kernels, autotuning, allocator
+        run(image, cond, neg, args.warmup_steps, 0, **common)  # one-time costs: kernels, autotuning, cuDNN graphs
         times = []
         for _ in range(args.repeat):  # seed 0 every time, so the pipelines' outputs are comparable
             outputs[name], seconds = timed(functools.partial(run, image, cond, neg, args.steps, 0, **common))
@@ -94,11 +109,13 @@ def measure(pipe, fp8_pipe, ref, resolution: int, layers: int, args: argparse.Na
                     f"{name}_floor_pct": 100 * row["floor_s"] / seconds})
     if ref is not None:
         row["speedup"] = row["diffusers_s"] / row["ours_s"]
-    if fp8_pipe is not None:  # FP8's price in pixels: the same request (seed, inputs) decoded, against bf16
-        ours, fp8 = (np.stack([np.asarray(x, np.float32) for x in outputs[k].layers]) for k in ("ours", "ours_fp8"))
-        row["fp8_px_mean_abs_diff"] = float(np.abs(fp8 - ours).mean())
-        row["fp8_px_p99_abs_diff"] = float(np.percentile(np.abs(fp8 - ours), 99))
-        row["fp8_speedup_vs_bf16"] = row["ours_s"] / row["ours_fp8_s"]
+    ours = np.stack([np.asarray(x, np.float32) for x in outputs["ours"].layers])
+    for name, prefix in (("ours_fp8", "fp8"), ("ours_fp8_attn", "fp8_attn")):
+        if name in outputs:  # FP8's price in pixels: the same request (seed, inputs) decoded, against bf16
+            diff = np.abs(np.stack([np.asarray(x, np.float32) for x in outputs[name].layers]) - ours)
+            row[f"{prefix}_px_mean_abs_diff"] = float(diff.mean())
+            row[f"{prefix}_px_p99_abs_diff"] = float(np.percentile(diff, 99))
+            row[f"{prefix}_speedup_vs_bf16"] = row["ours_s"] / row[f"{name}_s"]
     return row
 
 
@@ -112,7 +129,10 @@ def main() -> None:
     parser.add_argument("--no-diffusers", action="store_true", help="time our pipeline only")
     parser.add_argument("--fp8", action="store_true",
                         help="also time ours with quantization='fp8' and its pixel difference from bf16")
+    parser.add_argument("--attention-dtype", default="bf16", choices=ATTENTION_DTYPES,
+                        help="fp8: also time ours with FP8 GEMMs and FP8 attention (implies --fp8)")
     args = parser.parse_args()
+    args.fp8 = args.fp8 or args.attention_dtype == "fp8"
     if not torch.cuda.is_available():
         sys.exit("compare.py needs a CUDA GPU")
 
@@ -134,11 +154,12 @@ def main() -> None:
     print(f"{'config':10s} {'floor s':>8s} {'ours s':>8s} {'x floor':>8s} {'floor %':>8s} "
           f"{'diffusers s':>11s} {'x floor':>8s} {'floor %':>8s} {'speedup':>8s}")
     for r in rows:
-        if "ours_fp8_s" in r:
-            print(f"{r['resolution']}x{r['layers']} fp8: {r['ours_fp8_s']:.2f} s "
-                  f"({r['ours_fp8_floor_pct']:.1f}% of the bf16 floor, {r['fp8_speedup_vs_bf16']:.2f}x bf16), "
-                  f"layers vs bf16: mean |diff| "
-                  f"{r['fp8_px_mean_abs_diff']:.2f}/255, p99 {r['fp8_px_p99_abs_diff']:.0f}/255")
+        for name, prefix, label in (("ours_fp8", "fp8", "fp8"), ("ours_fp8_attn", "fp8_attn", "fp8 + fp8 attention")):
+            if f"{name}_s" in r:
+                print(f"{r['resolution']}x{r['layers']} {label}: {r[f'{name}_s']:.2f} s "
+                      f"({r[f'{name}_floor_pct']:.1f}% of the bf16 floor, {r[f'{prefix}_speedup_vs_bf16']:.2f}x bf16), "
+                      f"layers vs bf16: mean |diff| "
+                      f"{r[f'{prefix}_px_mean_abs_diff']:.2f}/255, p99 {r[f'{prefix}_px_p99_abs_diff']:.0f}/255")
     for r in rows:
         theirs = (f"{r['diffusers_s']:11.2f} {r['diffusers_vs_floor']:8.2f} {r['diffusers_floor_pct']:8.1f} "
                   f"{r['speedup']:7.2f}x" if "diffusers_s" in r else f"{'-':>11s}")

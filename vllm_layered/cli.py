@@ -31,7 +31,7 @@ def _decompose(args: argparse.Namespace) -> int:
     dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     pipe = LayeredPipeline.from_pretrained(
         model_path(args), device=args.device, dtype=dtype, parallel=parallel_config(args),
-        quantization=quantization(args), load_format=args.load_format,
+        quantization=quantization(args), attention_dtype=args.attention_dtype, load_format=args.load_format,
     )
     with tqdm(total=args.steps, desc="denoising", unit="step", disable=args.quiet) as bar:
         result = pipe(
@@ -81,6 +81,9 @@ def _add_quantization_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default="none", choices=("none", "fp8"),
                    help="fp8: e4m3 weights and per-token activations for the transformer's big linears "
                         "(needs an FP8 GPU: compute capability 8.9+, e.g. H100/H200; use with bf16)")
+    p.add_argument("--attention-dtype", default="bf16", choices=("bf16", "fp8"),
+                   help="fp8: attention in e4m3 on cuDNN (with --quantization fp8 only; needs Hopper or newer and "
+                        "pip install 'vllm-layered[fp8-attention]')")
 
 
 def _add_load_format_argument(p: argparse.ArgumentParser) -> None:

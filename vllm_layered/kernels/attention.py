@@ -31,12 +31,14 @@ __all__ = [
     "HEAD_DIMS",
     "attention",
     "attention_shape_bucket",
+    "check_seq_bounds",
     "clear_attention_backends",
     "flex_attention_available",
     "flex_varlen_attention",
     "resolve_attention_backend",
     "sdpa_varlen_attention",
     "set_attention_backend",
+    "softmax_scale",
     "varlen_attention",
     "varlen_attention_ref",
 ]
@@ -179,7 +181,8 @@ def _check_inputs(
         raise ValueError("q, k, v and cu_seqlens must be on one device")
 
 
-def _softmax_scale(scale: float | None, head_dim: int) -> float:
+def softmax_scale(scale: float | None, head_dim: int) -> float:
+    """The softmax scale: ``scale``, checked, or 1 / sqrt(head_dim) when None."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if not scale > 0:
@@ -190,8 +193,13 @@ def _softmax_scale(scale: float | None, head_dim: int) -> float:
 def _seq_bounds(cu_seqlens: torch.Tensor, total: int, bounds: Sequence[int] | None = None) -> list[int]:
     """cu_seqlens on the host, checked. Reading it from the device syncs: callers that know the bounds
     on the host (the transformer builds them there) pass them as ``bounds``."""
-    bounds = cu_seqlens.tolist() if bounds is None else list(bounds)
-    if bounds[0] != 0 or bounds[-1] != total or any(b > e for b, e in zip(bounds[:-1], bounds[1:])):
+    return check_seq_bounds(cu_seqlens.tolist() if bounds is None else bounds, total)
+
+
+def check_seq_bounds(bounds: Sequence[int], total: int) -> list[int]:
+    """Host sequence bounds (cu_seqlens as integers), checked: they rise from 0 to S_total."""
+    bounds = list(bounds)
+    if not bounds or bounds[0] != 0 or bounds[-1] != total or any(b > e for b, e in zip(bounds[:-1], bounds[1:])):
         raise ValueError(f"cu_seqlens must rise from 0 to S_total = {total}, got {bounds}")
     return bounds
 
@@ -217,7 +225,7 @@ def varlen_attention(
     total, num_heads, head_dim = q.shape
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {head_dim}")
-    qk_scale = _softmax_scale(scale, head_dim) * _LOG2E
+    qk_scale = softmax_scale(scale, head_dim) * _LOG2E
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     cu_seqlens = cu_seqlens.contiguous()
     if out is None:
@@ -253,7 +261,7 @@ def varlen_attention_ref(
 ) -> torch.Tensor:
     """Reference: one torch SDPA call per sequence (max_seqlen is accepted for the same signature)."""
     _check_inputs(q, k, v, cu_seqlens, max_seqlen)
-    scale = _softmax_scale(scale, q.shape[-1])
+    scale = softmax_scale(scale, q.shape[-1])
     out = torch.empty_like(q)
     bounds = _seq_bounds(cu_seqlens, q.shape[0])
     for start, end in zip(bounds[:-1], bounds[1:]):
@@ -275,7 +283,7 @@ def sdpa_varlen_attention(
     """Torch SDPA, one call per run of consecutive equal-length sequences (CFG pairs become one batched
     call), no mask. sdpa_kernel pins SDPA's implementation: "cudnn", "flash", "efficient" or "math"."""
     _check_inputs(q, k, v, cu_seqlens, q.shape[0])
-    scale = _softmax_scale(scale, q.shape[-1])
+    scale = softmax_scale(scale, q.shape[-1])
     total, num_heads, head_dim = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     bounds = _seq_bounds(cu_seqlens, total, bounds)
@@ -355,7 +363,7 @@ def flex_varlen_attention(
         raise RuntimeError("this torch build has no FlexAttention; use backend 'sdpa' or 'triton'")
     from torch.nn.attention.flex_attention import flex_attention
 
-    scale = _softmax_scale(scale, q.shape[-1])
+    scale = softmax_scale(scale, q.shape[-1])
     bounds = tuple(_seq_bounds(cu_seqlens, q.shape[0]))
     if q.shape[0] == 0:
         return torch.empty_like(q)

@@ -20,7 +20,7 @@ from vllm_layered.kernels.triton_utils import require_triton, row_settings, tl, 
 
 __all__ = [
     "FP8_DTYPE", "FP8_MAX", "SCALE_EPS", "fp8_gemm", "fp8_gemm_ref", "quantize_row_values", "quantize_rows",
-    "quantize_rows_ref",
+    "quantize_rows_ref", "quantize_with_scale_ref",
 ]
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -109,6 +109,13 @@ def quantize_rows_ref(
     scale = x.abs().amax(dim=1).clamp(min=eps) / FP8_MAX
     q = (x / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
+
+
+def quantize_with_scale_ref(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """e4m3 of x with one given scale (dequantized values are q * scale): e4m3(clamp(x * (1 / scale), +-448)), the
+    rule of the kernels that quantize with a static scale (qk_norm_rope's e4m3 output). A power-of-two scale makes
+    the multiplication exact, so kernel and reference agree bit for bit."""
+    return (x.float() * (1.0 / scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def _check_gemm(

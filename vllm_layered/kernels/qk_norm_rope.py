@@ -8,10 +8,17 @@ Rounding follows the eager path (diffusers' RMSNorm, then Qwen-Image's complex R
     y = x * rsqrt(mean(x^2) + eps)        fp32
     y = bf16(y) * w  (rounded)            only when w is fp16/bf16; fp32 product otherwise
     (a, b) -> (a cos - b sin, a sin + b cos)   fp32, then cast to x.dtype
+
+With ``out_scale`` the row is written as e4m3 instead, for FP8 attention: e4m3(clamp(y * (1 / out_scale), +-448))
+from the fp32 rotation (no bf16 rounding in between); dequantized values are q * out_scale. The scale is static
+(kernels/fp8_attention.qk_scale explains why one derived from the norm weights can never overflow).
 """
+
+import math
 
 import torch
 
+from vllm_layered.kernels.fp8 import FP8_DTYPE, FP8_MAX, quantize_with_scale_ref
 from vllm_layered.kernels.triton_utils import require_triton, row_settings, tl, triton
 
 __all__ = ["qk_norm_rope", "qk_norm_rope_ref"]
@@ -25,9 +32,9 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 def _qk_norm_rope_kernel(
     X, W, COS, SIN, OUT, OUT_ROWS,  #
     stride_xn, stride_xh, stride_on, stride_oh, stride_cn, stride_sn,  #
-    eps,  #
+    eps, inv_out_scale,  #
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,  #
-    W_IS_HALF: tl.constexpr, HAS_OUT_ROWS: tl.constexpr,
+    W_IS_HALF: tl.constexpr, HAS_OUT_ROWS: tl.constexpr, FP8_OUT: tl.constexpr, FP8_MAX: tl.constexpr,
 ):
     # x: [N, H, D] (stride 1 over D); cos, sin: [N, D // 2] fp32; out: [M, H, D] (stride 1 over D).
     # grid: (N, H // BLOCK_H); BLOCK_H divides H, so no head mask.
@@ -51,6 +58,8 @@ def _qk_norm_rope_kernel(
     cos = tl.load(COS + row * stride_cn + offs_k)[None, :]
     sin = tl.load(SIN + row * stride_sn + offs_k)[None, :]
     y = tl.reshape(tl.join(a * cos - b * sin, a * sin + b * cos), [BLOCK_H, HEAD_DIM])
+    if FP8_OUT:  # e4m3 with a static scale: out = y / out_scale, saturated (fp8.quantize_with_scale_ref)
+        y = tl.clamp(y * inv_out_scale, -FP8_MAX, FP8_MAX)
 
     if HAS_OUT_ROWS:
         dst = tl.load(OUT_ROWS + row).to(tl.int64)
@@ -67,6 +76,7 @@ def _check_inputs(
     sin: torch.Tensor,
     out: torch.Tensor | None,
     out_rows: torch.Tensor | None,
+    out_scale: float | None,
 ) -> None:
     if x.dim() != 3:
         raise ValueError(f"x must be [N, H, D], got shape {tuple(x.shape)}")
@@ -93,8 +103,11 @@ def _check_inputs(
             raise ValueError(f"out must be [M, {h}, {d}], got {tuple(out.shape)}")
         if out_rows is None and out.shape[0] != n:
             raise ValueError(f"without out_rows, out must have N = {n} rows, got {out.shape[0]}")
-        if out.dtype != x.dtype:
-            raise ValueError(f"out must have x's dtype {x.dtype}, got {out.dtype}")
+        out_dtype = x.dtype if out_scale is None else FP8_DTYPE
+        if out.dtype != out_dtype:
+            raise ValueError(f"out must be {out_dtype} (x's dtype, or e4m3 with out_scale), got {out.dtype}")
+    if out_scale is not None and not (isinstance(out_scale, float) and math.isfinite(out_scale) and out_scale > 0):
+        raise ValueError(f"out_scale must be a positive finite float, got {out_scale!r}")
     tensors = [t for t in (x, weight, cos, sin, out, out_rows) if t is not None]
     if any(t.device != x.device for t in tensors):
         raise ValueError("all tensors must be on x's device")
@@ -123,21 +136,23 @@ def qk_norm_rope(
     eps: float = 1e-6,
     out: torch.Tensor | None = None,
     out_rows: torch.Tensor | None = None,
+    out_scale: float | None = None,
 ) -> torch.Tensor:
     """RMSNorm over D then RoPE on adjacent pairs, fused; returns out (or a new [N, H, D] tensor).
 
     x: [N, H, D] (strided rows and heads are read in place); weight: [D]; cos, sin: [N, D // 2] fp32.
     With out_rows, row i is written to out[out_rows[i]]; the indices are not checked on the device.
+    With out_scale (a float, best a power of two), out is e4m3: values y / out_scale, saturated at +-448.
     """
     require_triton("qk_norm_rope")
-    _check_inputs(x, weight, cos, sin, out, out_rows)
+    _check_inputs(x, weight, cos, sin, out, out_rows, out_scale)
     n, h, d = x.shape
     if d & (d - 1):
         raise ValueError(f"the Triton kernel needs a power-of-two head dim, got {d}")
     x = _rows_last_dim_contiguous(x)
     weight, cos, sin = weight.contiguous(), cos.contiguous(), sin.contiguous()
     if out is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        out = torch.empty(x.shape, dtype=x.dtype if out_scale is None else FP8_DTYPE, device=x.device)
     elif out.stride(-1) != 1:
         raise ValueError("out must be contiguous over the head dim")
     if out_rows is not None:
@@ -149,9 +164,10 @@ def qk_norm_rope(
     _qk_norm_rope_kernel[(n, h // block_h)](
         x, weight, cos, sin, out, out_rows if out_rows is not None else x,  #
         x.stride(0), x.stride(1), out.stride(0), out.stride(1), cos.stride(0), sin.stride(0),  #
-        eps,  #
+        eps, 1.0 if out_scale is None else 1.0 / out_scale,  #
         HEAD_DIM=d, BLOCK_H=block_h,  #
         W_IS_HALF=weight.dtype in _HALF_DTYPES, HAS_OUT_ROWS=out_rows is not None,  #
+        FP8_OUT=out_scale is not None, FP8_MAX=FP8_MAX,  #
         num_warps=num_warps,
     )
     return out
@@ -166,16 +182,18 @@ def qk_norm_rope_ref(
     eps: float = 1e-6,
     out: torch.Tensor | None = None,
     out_rows: torch.Tensor | None = None,
+    out_scale: float | None = None,
 ) -> torch.Tensor:
     """Eager PyTorch version of `qk_norm_rope` (same arguments, same rounding)."""
-    _check_inputs(x, weight, cos, sin, out, out_rows)
+    _check_inputs(x, weight, cos, sin, out, out_rows, out_scale)
     n, h, d = x.shape
     y = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
     if weight.dtype in _HALF_DTYPES:
         y = y.to(weight.dtype)
     y = y * weight
     pairs = torch.view_as_complex(y.float().reshape(n, h, d // 2, 2))
-    y = torch.view_as_real(pairs * torch.complex(cos, sin)[:, None, :]).flatten(2).to(x.dtype)
+    y = torch.view_as_real(pairs * torch.complex(cos, sin)[:, None, :]).flatten(2)
+    y = y.to(x.dtype) if out_scale is None else quantize_with_scale_ref(y, out_scale)
     if out is None:
         return y
     if out_rows is None:

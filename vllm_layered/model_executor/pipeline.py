@@ -130,12 +130,14 @@ class LayeredPipeline:
         load_text_encoder: bool = True,
         parallel: ParallelConfig | None = None,
         quantization: str | None = None,
+        attention_dtype: str | None = None,
         load_format: str = "safetensors",
     ) -> LayeredPipeline:
         """Load a diffusers-layout folder (or hub repo id). Without the text encoder, pass embeddings.
 
         ``parallel``: spread the transformer over that many processes (one GPU each, from ``device`` on).
         ``quantization``: None / "none", or "fp8" for the transformer (every rank quantizes the same way).
+        ``attention_dtype``: None / "bf16", or "fp8" (FP8 attention; needs quantization="fp8"; every rank too).
         ``load_format``: "safetensors", or "dummy" for the folder's configs with seeded random weights
         (dummy_model.py; no weight file is read, so a config-only folder will do).
         """
@@ -149,10 +151,11 @@ class LayeredPipeline:
             heads = TransformerConfig.from_json(root / "transformer" / "config.json").num_attention_heads
             parallel.check(heads, device)
         transformer = LayeredTransformer.from_pretrained(
-            root / "transformer", device=device, dtype=dtype, quantization=quantization, load_format=load_format
+            root / "transformer", device=device, dtype=dtype, quantization=quantization,
+            attention_dtype=attention_dtype, load_format=load_format,
         )
         if parallel is not None and parallel.world_size > 1:
-            factory = CheckpointTransformer(root / "transformer", dtype, quantization, load_format)
+            factory = CheckpointTransformer(root / "transformer", dtype, quantization, attention_dtype, load_format)
             transformer = ParallelTransformer.launch(transformer, factory, parallel, device)
         return cls(
             transformer=transformer,

@@ -567,7 +567,7 @@ def run_server(args: argparse.Namespace) -> int:
     root = model_path(args)
     pipeline = LayeredPipeline.from_pretrained(
         root, device=args.device, dtype=dtype, parallel=parallel_config(args),
-        quantization=quantization(args), load_format=args.load_format,
+        quantization=quantization(args), attention_dtype=args.attention_dtype, load_format=args.load_format,
     )
     served_names = args.served_model_name or [args.model or Path(root).name]
     config = EngineConfig(

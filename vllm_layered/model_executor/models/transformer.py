@@ -22,8 +22,15 @@ from torch import nn
 
 from vllm_layered.kernels import adaln, qk_norm_rope
 from vllm_layered.kernels.attention import attention
+from vllm_layered.kernels.fp8 import FP8_DTYPE
 from vllm_layered.kernels.triton_utils import use_triton
 from vllm_layered.model_executor.forward_batch import ForwardBatch, PackedMetadata
+from vllm_layered.model_executor.models.fp8_attention import (
+    Fp8AttentionLayer,
+    check_attention_dtype,
+    fp8_joint_attention,
+    set_attention_dtype,
+)
 from vllm_layered.model_executor.models.fp8_linear import (
     Fp8Linear,
     Fp8Rows,
@@ -118,7 +125,11 @@ class _GELUProj(nn.Module):
 
 
 class JointAttention(nn.Module):
-    """QKV for both streams, QK RMSNorm + Layer3D RoPE, block-diagonal joint attention, out proj."""
+    """QKV for both streams, QK RMSNorm + Layer3D RoPE, block-diagonal joint attention, out proj.
+
+    With ``fp8_attention`` set (models/fp8_attention.set_attention_dtype), Q and K are written as e4m3 and attention
+    runs in FP8, its e4m3 output going to the FP8 output projections as is.
+    """
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
@@ -133,6 +144,7 @@ class JointAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.to_add_out = nn.Linear(dim, dim)
         self.backend = "auto"  # attention backend, see vllm_layered.kernels.attention
+        self.fp8_attention: Fp8AttentionLayer | None = None
 
     def forward(
         self, img: torch.Tensor | Fp8Rows, txt: torch.Tensor | Fp8Rows, meta: PackedMetadata
@@ -140,10 +152,13 @@ class JointAttention(nn.Module):
         # img, txt: the modulated streams, quantized once for Q, K and V when the projections are FP8 (see
         # DualStreamBlock; an FP8 projection given bf16 rows quantizes them itself)
         # q, k, v: [S_total, H, D] joint buffers, each sequence's rows ordered [text, image]
+        fp8 = self.fp8_attention
         heads = (-1, self.num_heads, self.head_dim)
         shape = (meta.total_tokens, self.num_heads, self.head_dim)
-        q, k, v = (torch.empty(shape, dtype=img.dtype, device=img.device) for _ in range(3))
-        norm_rope = qk_norm_rope.qk_norm_rope if use_triton(q) else qk_norm_rope.qk_norm_rope_ref
+        q, k = (torch.empty(shape, dtype=img.dtype if fp8 is None else FP8_DTYPE, device=img.device) for _ in range(2))
+        v = torch.empty(shape, dtype=img.dtype, device=img.device)
+        q_scale, k_scale = (None, None) if fp8 is None else (fp8.q_scale, fp8.k_scale)  # FP8: e4m3 Q and K
+        norm_rope = qk_norm_rope.qk_norm_rope if use_triton(v) else qk_norm_rope.qk_norm_rope_ref
         streams = (
             (img, meta.img_rows, meta.img_spans, (self.to_q, self.to_k, self.to_v), (self.norm_q, self.norm_k),
              (meta.img_cos, meta.img_sin)),
@@ -151,20 +166,26 @@ class JointAttention(nn.Module):
              (self.norm_added_q, self.norm_added_k), (meta.txt_cos, meta.txt_sin)),
         )
         for x, rows, spans, (proj_q, proj_k, proj_v), (norm_q, norm_k), (cos, sin) in streams:
-            norm_rope(proj_q(x).view(heads), norm_q.weight, cos, sin, eps=norm_q.eps, out=q, out_rows=rows)
-            norm_rope(proj_k(x).view(heads), norm_k.weight, cos, sin, eps=norm_k.eps, out=k, out_rows=rows)
+            norm_rope(proj_q(x).view(heads), norm_q.weight, cos, sin, eps=norm_q.eps, out=q, out_rows=rows,
+                      out_scale=q_scale)
+            norm_rope(proj_k(x).view(heads), norm_k.weight, cos, sin, eps=norm_k.eps, out=k, out_rows=rows,
+                      out_scale=k_scale)
             linear_spans(x, proj_v, spans, v.view(meta.total_tokens, -1), to_joint=True)
+        if fp8 is not None:
+            out = fp8_joint_attention(q, k, v, fp8, meta)  # e4m3 rows and their scale, for both projections
+        else:
+            out = self._attention(q, k, v, meta).view(meta.total_tokens, -1)
+            out = fp8_input(out, self.to_out[0], self.to_add_out)  # FP8 GEMMs: quantized once for both
+        img_out = linear_spans(out, self.to_out[0], meta.img_spans, v.new_empty(img.shape), to_joint=False)
+        txt_out = linear_spans(out, self.to_add_out, meta.txt_spans, v.new_empty(txt.shape), to_joint=False)
+        return img_out, txt_out
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PackedMetadata) -> torch.Tensor:
         exchange = meta.ulysses
         if exchange is not None:  # sequence parallel: every row of the joint buffer, a share of the heads
             q, k, v = (exchange.scatter_heads(t) for t in (q, k, v))
         out = attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, backend=self.backend, bounds=meta.seq_bounds)
-        if exchange is not None:
-            out = exchange.gather_heads(out)
-        out = out.view(meta.total_tokens, -1)
-        out = fp8_input(out, self.to_out[0], self.to_add_out)  # FP8: quantized once for both projections
-        img_out = linear_spans(out, self.to_out[0], meta.img_spans, q.new_empty(img.shape), to_joint=False)
-        txt_out = linear_spans(out, self.to_add_out, meta.txt_spans, q.new_empty(txt.shape), to_joint=False)
-        return img_out, txt_out
+        return out if exchange is None else exchange.gather_heads(out)
 
 
 def linear_spans(
@@ -280,6 +301,7 @@ class LayeredTransformer(nn.Module):
     def __init__(self, *, config: TransformerConfig) -> None:
         super().__init__()
         self.config = config
+        self.attention_dtype = "bf16"  # "fp8": see models/fp8_attention.set_attention_dtype
         self._metadata_cache: dict[tuple, PackedMetadata] = {}
         dim = config.inner_dim
         self.time_text_embed = TimeTextEmbed(config)
@@ -341,14 +363,18 @@ class LayeredTransformer(nn.Module):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.bfloat16,
         quantization: str | None = None,
+        attention_dtype: str | None = None,
         load_format: str = "safetensors",
     ) -> LayeredTransformer:
         """Build on the meta device and stream a diffusers ``transformer/`` folder onto ``device``.
 
         ``quantization``: None / "none", or "fp8" (e4m3 weights and per-token activations for the blocks' big
-        linears, see fp8_linear.py); checked before anything loads. ``load_format="dummy"``: random weights.
+        linears, see fp8_linear.py). ``attention_dtype``: None / "bf16", or "fp8" (FP8 attention, with
+        quantization="fp8" only, see fp8_attention.py). Both are checked before anything loads.
+        ``load_format="dummy"``: random weights (dummy_model.py).
         """
         quantization = check_quantization(quantization, device, dtype)
+        attention_dtype = check_attention_dtype(attention_dtype, quantization, device)
         folder = Path(folder)
         config = TransformerConfig.from_json(folder / "config.json")
         with torch.device("meta"):
@@ -359,4 +385,6 @@ class LayeredTransformer(nn.Module):
         )
         if quantization == "fp8":
             quantize_fp8(model)
+        if attention_dtype == "fp8":
+            set_attention_dtype(model, attention_dtype)
         return model.eval()

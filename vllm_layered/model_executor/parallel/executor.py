@@ -33,17 +33,19 @@ TransformerFactory = Callable[[torch.device], LayeredTransformer]
 @dataclass(frozen=True)
 class CheckpointTransformer:
     """A TransformerFactory for the worker ranks: each loads the same diffusers ``transformer/`` folder, quantized
-    as rank 0's copy is (``quantization``: None or "fp8"), in the same ``load_format`` (dummy weights are seeded,
-    so every rank draws the same)."""
+    as rank 0's copy is (``quantization``: None or "fp8"), with the same attention (``attention_dtype``: None /
+    "bf16" or "fp8"), in the same ``load_format`` (dummy weights are seeded, so every rank draws the same)."""
 
     folder: Path
     dtype: torch.dtype
     quantization: str | None = None
+    attention_dtype: str | None = None
     load_format: str = "safetensors"
 
     def __call__(self, device: torch.device) -> LayeredTransformer:
         return LayeredTransformer.from_pretrained(
-            self.folder, device=device, dtype=self.dtype, quantization=self.quantization, load_format=self.load_format
+            self.folder, device=device, dtype=self.dtype, quantization=self.quantization,
+            attention_dtype=self.attention_dtype, load_format=self.load_format,
         )
 
 

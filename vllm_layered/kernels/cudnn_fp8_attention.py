@@ -1,0 +1,260 @@
+"""cuDNN FP8 (e4m3) attention over packed sequences, through the cuDNN frontend's Python graph API.
+
+q, k, v: [S_total, H, D] e4m3 joint buffers (sequence b owns rows bounds[b]:bounds[b + 1]) with their scales
+(kernels/fp8_attention.Fp8AttentionScales: q's and k's per layer, v's per sequence); returns the e4m3 output
+[S_total, H, D], O ~= o8 / o_inv[b]. The math is cuDNN's per-tensor FP8 recipe: S = q8 k8^T * descale_q * descale_k
+* softmax scale in float32, the probabilities P (relative to the running max) rounded to e4m3 after * 448
+(scale_s: cuDNN's documented bound for e4m3 without dropout), O = P8 v8 * descale_s * descale_v / rowsum(P), then
+e4m3(O * scale_o), saturating. On an H200 (cuDNN 9.19, 24 heads x 128) it ran 1.25x (9856 tokens) to 1.47x (24776)
+the bf16 cuDNN kernel.
+
+Needs the optional dependency ``nvidia-cudnn-frontend`` (import name ``cudnn``; the ``fp8-attention`` extra) and
+a Hopper or newer GPU: cuDNN's FP8 attention forward does not run on Ada, and on Hopper it writes only e4m3 O
+(a bf16 O from FP8 inputs is Blackwell-only), which is why the output and its scale go to the FP8 output
+projections as they are.
+
+Packed sequences: one graph call per sequence (batch 1, BSHD strides straight into the joint buffer: no copies),
+each with its own V and O scales, so that a sequence's result does not depend on what it is packed with. Neither
+batching equal-length sequences into one call nor a ragged (THD) graph would pay: one sequence of a Layered
+request is already 14+ waves of 128-query tiles x 24 heads on 132 SMs, so a call per sequence loses under one
+wave; one padded batched call cost what the separate calls cost, and torch's ragged cuDNN path measured 4-11x
+slower (benchmarks/RESULTS.md, session 4). Batch 1 also keeps the number of graphs to build down (one per length).
+
+Graphs are built once per (device, length, heads, head dim, softmax scale) and kept (LRU of `GRAPH_CACHE_SIZE`):
+building one takes far longer than running it. They run on torch's current stream, through one cuDNN handle per
+device, with a workspace kept per (device, stream).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vllm_layered.kernels.attention import check_seq_bounds, softmax_scale
+from vllm_layered.kernels.fp8 import FP8_DTYPE, FP8_MAX
+from vllm_layered.kernels.fp8_attention import Fp8AttentionScales, check_attention_inputs
+
+__all__ = [
+    "GRAPH_CACHE_SIZE", "INSTALL_HINT", "MIN_CAPABILITY", "GraphCacheInfo", "clear_graph_cache",
+    "cudnn_fp8_attention", "cudnn_frontend_error", "graph_cache_info",
+]
+
+INSTALL_HINT = ("pip install 'vllm-layered[fp8-attention]' (or, without the frontend's CuTe DSL dependencies, which "
+                "this graph does not use: pip install --no-deps 'nvidia-cudnn-frontend>=1.32')")
+MIN_CAPABILITY = (9, 0)  # cuDNN's FP8 attention forward: Hopper and newer
+GRAPH_CACHE_SIZE = 64
+S_SCALE = FP8_MAX  # P <= 1 before its e4m3 cast: cuDNN's bound for e4m3 without dropout
+
+
+@functools.cache
+def _import_cudnn() -> tuple[Any | None, str | None]:
+    try:
+        import cudnn
+    except (ImportError, OSError) as exc:  # OSError: the module is there but libcudnn did not load
+        return None, f"the cuDNN frontend (`import cudnn`), which failed ({type(exc).__name__}: {exc}): {INSTALL_HINT}"
+    return cudnn, None
+
+
+def cudnn_frontend_error() -> str | None:
+    """Why FP8 attention cannot use the cuDNN frontend here (with the pip command), or None if it imports."""
+    return _import_cudnn()[1]
+
+
+def _cudnn() -> Any:
+    module, error = _import_cudnn()
+    if module is None:
+        raise RuntimeError(f"FP8 attention needs {error}")
+    return module
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """A built sdpa_fp8 graph and its tensor descriptors (the variant pack's keys)."""
+
+    graph: Any
+    q: Any
+    k: Any
+    v: Any
+    descale_q: Any
+    descale_k: Any
+    descale_v: Any
+    descale_s: Any
+    scale_s: Any
+    scale_o: Any
+    o: Any
+    amax_o: Any
+    workspace_size: int
+
+
+@dataclass(frozen=True)
+class GraphCacheInfo:
+    hits: int
+    misses: int
+    size: int
+
+
+@dataclass
+class _Scratch:
+    """Device buffers of one (device, stream): made and used in that stream's order only."""
+
+    workspace: torch.Tensor  # uint8, grown to the largest graph's need
+    amax_o: torch.Tensor  # cuDNN's amax(O) output, not read
+    scale_s: torch.Tensor  # S_SCALE
+    descale_s: torch.Tensor  # 1 / S_SCALE
+
+
+class _State:
+    """Per-process cuDNN state: handles per device, built graphs (LRU), scratch buffers per (device, stream)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # cuDNN handles are not thread-safe; graphs are shared
+        self.handles: dict[int, Any] = {}
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.scratch: dict[tuple[int, int], _Scratch] = {}
+        self.hits = self.misses = 0
+
+
+_state = _State()
+
+
+def graph_cache_info() -> GraphCacheInfo:
+    """Graph cache statistics since the last `clear_graph_cache` (a miss builds a graph)."""
+    return GraphCacheInfo(_state.hits, _state.misses, len(_state.graphs))
+
+
+def clear_graph_cache() -> None:
+    with _state.lock:
+        _state.graphs.clear()
+        _state.hits = _state.misses = 0
+
+
+def _handle(cudnn: Any, device: int) -> Any:
+    handle = _state.handles.get(device)
+    if handle is None:
+        with torch.cuda.device(device):
+            handle = _state.handles[device] = cudnn.create_handle()
+    return handle
+
+
+def _build_graph(cudnn: Any, handle: Any, length: int, heads: int, head_dim: int, scale: float) -> _Graph:
+    """The sdpa_fp8 graph of one sequence of ``length`` tokens, BSHD strides: q, k, v and o are [1, H, L, D] views of
+    [L, H, D] rows. Stats are not generated (inference); amax(O) is an output (cuDNN's own tests declare it so),
+    amax(S) stays virtual as the frontend recommends."""
+    e4m3, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+    graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
+    dims = [1, heads, length, head_dim]
+    strides = [length * heads * head_dim, head_dim, heads * head_dim, 1]
+    q, k, v = (graph.tensor(name=name, dim=dims, stride=strides, data_type=e4m3) for name in ("q", "k", "v"))
+    one = dict(dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=f32)
+    descale_q, descale_k, descale_v, descale_s, scale_s, scale_o = (
+        graph.tensor(name=name, **one)
+        for name in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")
+    )
+    o, _, _, amax_o = graph.sdpa_fp8(
+        q=q, k=k, v=v,
+        descale_q=descale_q, descale_k=descale_k, descale_v=descale_v,
+        descale_s=descale_s, scale_s=scale_s, scale_o=scale_o,
+        generate_stats=False, attn_scale=scale, name="sdpa_fp8",
+    )
+    o.set_output(True).set_dim(dims).set_stride(strides).set_data_type(e4m3)
+    amax_o.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
+    steps = (
+        ("validate", graph.validate),
+        ("build_operation_graph", graph.build_operation_graph),
+        ("create_execution_plans", lambda: graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])),
+        ("check_support", graph.check_support),
+        ("build_plans", graph.build_plans),
+    )
+    for step, run in steps:
+        try:
+            run()
+        except Exception as exc:  # name the shape, the step and the versions: the error alone rarely says which
+            raise RuntimeError(
+                f"cuDNN could not build the FP8 attention graph for {length} tokens, {heads} heads x {head_dim} "
+                f"({step}; cuDNN {cudnn.backend_version_string()}, frontend {cudnn.__version__}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+    return _Graph(graph, q, k, v, descale_q, descale_k, descale_v, descale_s, scale_s, scale_o, o, amax_o,
+                  graph.get_workspace_size())
+
+
+def _graph(cudnn: Any, device: int, length: int, heads: int, head_dim: int, scale: float) -> _Graph:
+    key = (device, length, heads, head_dim, scale)
+    graph = _state.graphs.get(key)
+    if graph is not None:
+        _state.hits += 1
+        _state.graphs.move_to_end(key)
+        return graph
+    _state.misses += 1
+    graph = _build_graph(cudnn, _handle(cudnn, device), length, heads, head_dim, scale)
+    _state.graphs[key] = graph
+    while len(_state.graphs) > GRAPH_CACHE_SIZE:
+        _state.graphs.popitem(last=False)
+    return graph
+
+
+def _scratch(device: int, stream: int, workspace_size: int) -> _Scratch:
+    scratch = _state.scratch.get((device, stream))
+    if scratch is None:
+        one = dict(dtype=torch.float32, device=device)
+        scratch = _state.scratch[(device, stream)] = _Scratch(
+            torch.empty(max(workspace_size, 1), dtype=torch.uint8, device=device), torch.empty(1, **one),
+            torch.full((1,), S_SCALE, **one), torch.full((1,), 1 / S_SCALE, **one),
+        )
+    elif scratch.workspace.numel() < workspace_size:
+        scratch.workspace = torch.empty(workspace_size, dtype=torch.uint8, device=device)
+    return scratch
+
+
+def _bshd(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Rows start:end of t [S_total, H, D] as the graphs' [1, H, L, D] view."""
+    return t[start:end].unsqueeze(0).transpose(1, 2)
+
+
+def cudnn_fp8_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scales: Fp8AttentionScales,
+    bounds: Sequence[int],
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """FP8 attention over packed sequences on cuDNN (see the module docstring); same arguments and result as
+    fp8_attention.fp8_attention_ref. q, k, v: [S_total, H, D] e4m3, contiguous (rows of H * D); ``bounds``: the
+    sequence boundaries on the host (cu_seqlens as integers)."""
+    check_attention_inputs(q, k, v, scales, len(bounds) - 1)
+    if not q.is_cuda:
+        raise ValueError(f"cuDNN FP8 attention runs on CUDA tensors, got {q.device}")
+    if any(not t.is_contiguous() for t in (q, k, v)):
+        raise ValueError("q, k, v must be contiguous [S_total, H, D] buffers")
+    bounds = check_seq_bounds(bounds, q.shape[0])
+    scale = softmax_scale(scale, q.shape[-1])
+    cudnn = _cudnn()
+    _, heads, head_dim = q.shape
+    device = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    out = torch.empty(q.shape, dtype=FP8_DTYPE, device=q.device)
+    with _state.lock, torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device).cuda_stream
+        handle = _handle(cudnn, device)
+        cudnn.set_stream(handle, stream)  # a no-op while the stream stays the same
+        for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if start == end:
+                continue
+            g = _graph(cudnn, device, end - start, heads, head_dim, scale)
+            scratch = _scratch(device, stream, g.workspace_size)
+            pack = {
+                g.q: _bshd(q, start, end), g.k: _bshd(k, start, end), g.v: _bshd(v, start, end),
+                g.o: _bshd(out, start, end),
+                g.descale_q: scales.q, g.descale_k: scales.k,
+                g.descale_v: scales.v[b : b + 1], g.scale_o: scales.o_inv[b : b + 1],
+                g.descale_s: scratch.descale_s, g.scale_s: scratch.scale_s, g.amax_o: scratch.amax_o,
+            }
+            g.graph.execute(pack, scratch.workspace, handle=handle)
+    return out

@@ -1,0 +1,250 @@
+"""The quantization math of FP8 (e4m3) attention: the scales of Q, K, V and O, V's quantization kernel, and a plain
+PyTorch reference of the whole quantized attention.
+
+cuDNN's FP8 attention (kernels/cudnn_fp8_attention.py) takes e4m3 Q, K, V with one dequantization factor each
+(per tensor and call: real value = code * scale) and writes e4m3 O after multiplying it by ``scale_o``. Where each
+scale comes from, and why none of them needs a pass over the data except V's:
+
+- Q and K: static, per layer, from the QK RMSNorm weights (`qk_scale`). After RMSNorm every element is bounded by
+  sqrt(D) * max|w|, and RoPE rotates pairs without changing their norm, so that bound holds after RoPE too: the
+  scale maps it to 448 and nothing can overflow. The QK-norm + RoPE kernel writes e4m3 directly
+  (qk_norm_rope's ``out_scale``); no amax pass, no bf16 copy of Q and K.
+- V: dynamic, per sequence, from amax(V) over the sequence's rows (`sequence_amax`: one reduction pass over V;
+  `quantize_v` then writes e4m3 V). Per sequence rather than per packed batch so that a sequence's result does not
+  depend on what it is packed with (the serving engine packs requests that the offline pipeline runs alone).
+- O: static given V's: O = softmax(S) V is a convex combination of V's rows, so |O| <= amax(V) and
+  ``scale_o = 448 / (amax(V) * O_HEADROOM)`` needs no pass over O either. The headroom covers cuDNN's FP8 recipe,
+  where the probabilities P are rounded to e4m3 (relative error <= 2^-4 for normal values, a half-step of the
+  subnormals below) while the row sum uses fp32 P, so the rounded weights can sum to slightly more than 1. If it
+  were ever exceeded the e4m3 conversion saturates at 448 (PTX has only the saturating cvt to e4m3): never inf/NaN.
+  The attention output with these scales feeds the FP8 output projections as is (an Fp8Rows whose row scales are
+  each row's sequence's 1 / scale_o): no dequantize/requantize round trip.
+
+e4m3 is a float format (3 mantissa bits over exponents 2^-6..2^8, subnormals to 2^-9): scaling to a bound rather
+than to the exact amax keeps every value's relative precision and only moves the underflow threshold, which the
+~2^18 dynamic range absorbs (see `qk_scale`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vllm_layered.kernels.attention import check_seq_bounds, softmax_scale
+from vllm_layered.kernels.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS
+from vllm_layered.kernels.triton_utils import next_power_of_2, require_triton, row_settings, tl, triton
+
+__all__ = [
+    "O_HEADROOM", "QK_BOUND_MARGIN", "Fp8AttentionScales", "QuantizedV", "check_attention_inputs",
+    "fp8_attention_ref", "qk_scale", "quantize_v", "quantize_v_ref", "sequence_amax", "v_amax",
+]
+
+QK_BOUND_MARGIN = 1 + 2**-6  # the bf16 roundings of the norm (<= 2^-8 relative together) and the fp32 rotation
+O_HEADROOM = 1.125  # |O| / amax(V) under e4m3 probabilities: <= 1 + 2^-4 for normal P, plus subnormal rounding
+
+
+@dataclass(frozen=True)
+class Fp8AttentionScales:
+    """The factors of one FP8 attention call, float32 tensors on the device: ``q``, ``k`` one value each (the
+    layer's static scales), ``v`` and ``o_inv`` one value per sequence. Dequantized q = q8 * q (likewise k, and v
+    with its sequence's value); ``o_inv`` multiplies a sequence's O before its e4m3 cast (cuDNN's scale_o), so
+    O ~= o8 / o_inv."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o_inv: torch.Tensor
+
+
+@dataclass(frozen=True)
+class QuantizedV:
+    """V quantized for FP8 attention: ``data`` [N, C] e4m3; ``scale`` [B] each sequence's dequantization factor and
+    ``o_inv`` [B] the O scale that follows from it (scale_o); ``o_row_scale`` [N] = 1 / o_inv of each row's
+    sequence: the per-row scales of the attention output as the FP8 output projections read it."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    o_inv: torch.Tensor
+    o_row_scale: torch.Tensor
+
+
+def qk_scale(weights: Sequence[torch.Tensor], head_dim: int) -> float:
+    """The static e4m3 scale of Q (or K) after RMSNorm with any of ``weights`` and RoPE: a power of two s with
+    sqrt(D) * max|w| * QK_BOUND_MARGIN <= 448 s.
+
+    Why the bound holds: RMSNorm gives y_i = x_i / sqrt(mean(x^2) + eps) * w_i, and x_i^2 <= sum(x^2) = D mean(x^2),
+    so |x_i| / rms(x) <= sqrt(D) and |y_i| <= sqrt(D) |w_i|. RoPE maps each pair (a, b) to a rotation of it, whose
+    components are at most sqrt(a^2 + b^2) <= sqrt(D) max|w| (as a^2 + b^2 <= max(w^2) (x_a^2 + x_b^2) / rms^2 <=
+    max(w^2) D). The eager path rounds y and y * w to bf16 (<= 2^-9 relative each) before the fp32 rotation: the
+    margin covers that. The kernel saturates at 448 besides, so even a violated bound could not overflow.
+
+    What it costs: typical elements are ~|w|, sqrt(D) = 11.3 (x up to 2 for the power of two) below the bound, i.e.
+    they land around 448 / 23 = 20 instead of near 448; e4m3 keeps its 3 mantissa bits down to 2^-6, so only
+    elements ~1000x smaller than typical (negligible in q.k) lose precision. A dynamic amax would cost a pass over
+    Q and K for nothing. A power of two makes the kernel's multiplication by 1 / s exact.
+    """
+    if head_dim <= 0 or not weights:
+        raise ValueError(f"need a positive head dim and at least one norm weight, got {head_dim}, {len(weights)}")
+    amax_w = max(float(w.detach().abs().max()) for w in weights)
+    bound = max(math.sqrt(head_dim) * amax_w * QK_BOUND_MARGIN, SCALE_EPS)
+    mantissa, exponent = math.frexp(bound / FP8_MAX)  # bound / 448 = mantissa * 2^exponent, mantissa in [0.5, 1)
+    return math.ldexp(1.0, exponent - 1 if mantissa == 0.5 else exponent)
+
+
+def v_amax(v: torch.Tensor) -> torch.Tensor:
+    """max |v| as a 0-d tensor in v's dtype (0 for an empty v): one reduction pass, no |v| temporary, no host sync."""
+    return torch.linalg.vector_norm(v, ord=float("inf")) if v.numel() else v.new_zeros(())
+
+
+def sequence_amax(v: torch.Tensor, bounds: Sequence[int], row_offset: int = 0) -> torch.Tensor:
+    """max |v| over each sequence's rows, [B] float32: v [N, C] holds rows row_offset.. of the joint buffer whose
+    sequences are bounds[b]:bounds[b + 1] (a sequence-parallel rank holds a range of them: 0 for a sequence none of
+    whose rows it holds). One reduction per sequence, together one pass over v."""
+    n = v.shape[0]
+    edges = [min(max(b - row_offset, 0), n) for b in bounds]
+    return torch.stack([v_amax(v[a:b]) for a, b in zip(edges[:-1], edges[1:])]).float()
+
+
+def _scale_vector(num_seqs: int, device: torch.device) -> torch.Tensor:
+    """[B] float32 with a stride of 16 bytes: every sequence's value is a 16-byte aligned one-value tensor for cuDNN."""
+    return torch.empty((num_seqs, 4), dtype=torch.float32, device=device)[:, 0]
+
+
+@triton.jit
+def _quantize_v_kernel(
+    X, Q, SEQ_AMAX, CU_SEQLENS, V_SCALE, O_INV, O_ROW_SCALE,  #
+    stride_xm, stride_qm, stride_scale,  #
+    n_cols, row_offset, num_seqs, eps,  #
+    FP8_MAX: tl.constexpr, O_HEADROOM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # x: [N, C] (stride 1 over C), joint rows row_offset..; q: [N, C] e4m3; seq_amax: [B] float32; cu_seqlens:
+    # [B + 1] the joint buffer's sequence bounds; v_scale, o_inv: [B] (stride_scale); o_row_scale: [N].
+    # One program per row; program 0 also writes every sequence's scales.
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    has_seq = offs_s < num_seqs
+    ends = tl.load(CU_SEQLENS + 1 + offs_s, mask=has_seq, other=0).to(tl.int64)
+    seq = tl.minimum(tl.sum((has_seq & (ends <= row_offset + row)).to(tl.int32), axis=0), num_seqs - 1)
+    amax = tl.maximum(tl.load(SEQ_AMAX + seq), eps)
+    cols = tl.arange(0, BLOCK_K)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    q = tl.clamp(x * (FP8_MAX / amax), -FP8_MAX, FP8_MAX)
+    tl.store(Q + row * stride_qm + cols, q.to(Q.dtype.element_ty), mask=mask)
+    tl.store(O_ROW_SCALE + row, amax * O_HEADROOM / FP8_MAX)
+    if row == 0:
+        amaxes = tl.maximum(tl.load(SEQ_AMAX + offs_s, mask=has_seq, other=1.0), eps)
+        tl.store(V_SCALE + offs_s * stride_scale, amaxes / FP8_MAX, mask=has_seq)
+        tl.store(O_INV + offs_s * stride_scale, FP8_MAX / (amaxes * O_HEADROOM), mask=has_seq)
+
+
+def _check_v(v: torch.Tensor, seq_amax: torch.Tensor, cu_seqlens: torch.Tensor, row_offset: int) -> None:
+    if v.dim() != 2 or v.shape[1] == 0:
+        raise ValueError(f"v must be [N, C] with C > 0, got shape {tuple(v.shape)}")
+    if v.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"v must be float16, bfloat16 or float32, got {v.dtype}")
+    num_seqs = seq_amax.numel()
+    if seq_amax.shape != (num_seqs,) or num_seqs == 0 or seq_amax.dtype != torch.float32:
+        raise ValueError(f"seq_amax must be [B] float32 with B > 0, got {seq_amax.dtype} {tuple(seq_amax.shape)}")
+    if cu_seqlens.shape != (num_seqs + 1,) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be [B + 1] = [{num_seqs + 1}] int32/int64, got {cu_seqlens.dtype} "
+                         f"{tuple(cu_seqlens.shape)}")
+    if row_offset < 0:
+        raise ValueError(f"row_offset must be >= 0, got {row_offset}")
+    if seq_amax.device != v.device or cu_seqlens.device != v.device:
+        raise ValueError("v, seq_amax and cu_seqlens must be on one device")
+
+
+def quantize_v(v: torch.Tensor, seq_amax: torch.Tensor, cu_seqlens: torch.Tensor, row_offset: int = 0) -> QuantizedV:
+    """e4m3 V for FP8 attention, one scale per sequence (see the module docstring): v [N, C] holds joint rows
+    row_offset.. of the buffer whose sequence bounds are ``cu_seqlens`` (on v's device: no host sync); a row of
+    sequence b becomes clamp(v * 448 / seq_amax[b]). ``seq_amax``: `sequence_amax` (v, ...), or a sequence-parallel
+    group's all-reduced value. The sequences' row bounds are not checked on the device. Strided rows are read in
+    place."""
+    require_triton("quantize_v")
+    _check_v(v, seq_amax, cu_seqlens, row_offset)
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    m, k = v.shape
+    if m == 0:  # no program would write the scales
+        return quantize_v_ref(v, seq_amax, cu_seqlens, row_offset)
+    num_seqs = seq_amax.numel()
+    out = QuantizedV(torch.empty((m, k), dtype=FP8_DTYPE, device=v.device), _scale_vector(num_seqs, v.device),
+                     _scale_vector(num_seqs, v.device), torch.empty(m, dtype=torch.float32, device=v.device))
+    block_k, num_warps = row_settings(k)
+    _quantize_v_kernel[(m,)](
+        v, out.data, seq_amax.contiguous(), cu_seqlens.contiguous(), out.scale, out.o_inv, out.o_row_scale,  #
+        v.stride(0), out.data.stride(0), out.scale.stride(0),  #
+        k, row_offset, num_seqs, SCALE_EPS,  #
+        FP8_MAX=FP8_MAX, O_HEADROOM=O_HEADROOM, BLOCK_K=block_k, BLOCK_S=max(next_power_of_2(num_seqs), 2),
+        num_warps=num_warps,
+    )
+    return out
+
+
+def quantize_v_ref(
+    v: torch.Tensor, seq_amax: torch.Tensor, cu_seqlens: torch.Tensor, row_offset: int = 0
+) -> QuantizedV:
+    """PyTorch version of `quantize_v` (same arguments, same arithmetic: bit for bit where division is IEEE)."""
+    _check_v(v, seq_amax, cu_seqlens, row_offset)
+    amax = seq_amax.clamp(min=SCALE_EPS)
+    # tensor / tensor only: torch may turn a division by a Python float into a multiplication by its reciprocal
+    fp8_max = torch.full_like(amax, FP8_MAX)
+    scaled = amax * O_HEADROOM
+    rows = torch.arange(row_offset, row_offset + v.shape[0], device=v.device)
+    seq = torch.searchsorted(cu_seqlens[1:].long(), rows, right=True).clamp(max=amax.numel() - 1)
+    return QuantizedV(
+        (v.float() * (fp8_max / amax)[seq, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE),
+        amax / fp8_max,
+        fp8_max / scaled,
+        (scaled / fp8_max)[seq],
+    )
+
+
+def check_attention_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales: Fp8AttentionScales, num_seqs: int
+) -> None:
+    """The checks shared by the FP8 attention backends: e4m3 q, k, v of one [S_total, H, D] shape, float32 scales (one
+    value for q and k, one per sequence for v and o_inv), one device."""
+    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share one [S_total, H, D] shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if any(t.dtype != FP8_DTYPE for t in (q, k, v)):
+        raise ValueError(f"q, k, v must be {FP8_DTYPE}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, count in (("q", 1), ("k", 1), ("v", num_seqs), ("o_inv", num_seqs)):
+        t = getattr(scales, name)
+        if t.shape != (count,) or t.dtype != torch.float32:
+            raise ValueError(f"scales.{name} must be float32 of shape ({count},), got {t.dtype} {tuple(t.shape)}")
+    if any(t.device != q.device for t in (k, v, scales.q, scales.k, scales.v, scales.o_inv)):
+        raise ValueError("q, k, v and their scales must be on one device")
+
+
+def fp8_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scales: Fp8AttentionScales,
+    bounds: Sequence[int],
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Reference of FP8 attention over packed sequences: per sequence (rows bounds[b]:bounds[b + 1]) the e4m3 q, k, v
+    [S_total, H, D] dequantized with its scales, softmax attention in float32, O * o_inv[b] saturated to e4m3.
+    cuDNN also rounds the probabilities to e4m3; this reference does not (it is the math the scales promise)."""
+    check_attention_inputs(q, k, v, scales, len(bounds) - 1)
+    bounds = check_seq_bounds(bounds, q.shape[0])
+    scale = softmax_scale(scale, q.shape[-1])
+    out = torch.empty(q.shape, dtype=FP8_DTYPE, device=q.device)
+    for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if start == end:
+            continue
+        # [1, H, L, D]: 4-D, so that SDPA may pick a fused float32 kernel (no L x L matrix at the model's lengths)
+        seq = [(t[start:end].float() * s).transpose(0, 1)[None]
+               for t, s in ((q, scales.q), (k, scales.k), (v, scales.v[b]))]
+        o = F.scaled_dot_product_attention(*seq, scale=scale)[0].transpose(0, 1)
+        out[start:end] = (o * scales.o_inv[b]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return out
