@@ -43,7 +43,8 @@ def test_parallel_engine_serves_what_one_gpu_serves(variants, one_gpu, cfg_degre
 
     pipe = copy.copy(variants[quantization])
     factory = CheckpointTransformer(full_size_model_folder() / "transformer", torch.bfloat16,
-                                    None if quantization == "none" else quantization, "dummy")
+                                    quantization=None if quantization == "none" else quantization,
+                                    load_format="dummy")
     pipe.transformer = ParallelTransformer.launch(pipe.transformer, factory, ParallelConfig(cfg_degree, sp_degree),
                                                   pipe.device)
     try:
