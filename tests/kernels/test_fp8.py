@@ -48,7 +48,8 @@ def test_quantize_rows_gelu_matches_reference(dtype, device):
     q, scale = quantize_rows(x, gelu=True)
     q_ref, scale_ref = quantize_rows_ref(x, gelu=True)
     torch.testing.assert_close(scale, scale_ref, rtol=1e-2, atol=0)
-    assert rel_err(dequantize(q, scale), dequantize(q_ref, scale_ref)) < 2e-3
+    # measured (H200 and interpreter, seed 0): 1.8e-6 in bf16, 2.4e-7 in float32 (a few codes flip by one step)
+    assert rel_err(dequantize(q, scale), dequantize(q_ref, scale_ref)) < 4e-6
     assert (q.view(torch.uint8) == q_ref.view(torch.uint8)).float().mean().item() > 0.99
 
 
@@ -205,19 +206,20 @@ def test_fp8_gemm_on_gpu(k, n, gelu):
     for fast_accum in (False, True):
         got = fp8_gemm(xq, x_scale, wq, w_scale, bias, fast_accum=fast_accum)
         assert got.dtype == torch.bfloat16
-        assert rel_err(got, expected) < (3e-2 if fast_accum else 5e-3), fast_accum  # fast: reduced-precision sums
+        # measured on an H200 (benchmarks/RESULTS.md, 2026-11-30): 6.0e-4 to 7.2e-4 exact sums, 2.2e-3 to 2.8e-3 fast
+        assert rel_err(got, expected) < (6e-3 if fast_accum else 1.5e-3), fast_accum  # fast: reduced-precision sums
     for rows in (1, 29, 42, 127, 128, 206):  # few rows (the text stream): no fast-accumulation kernel below 43
         assert rel_err(fp8_gemm(xq[:rows], x_scale[:rows], wq, w_scale, bias, fast_accum=True),
-                       expected[:rows]) < 3e-2, rows
+                       expected[:rows]) < 6e-3, rows
     buffer = torch.full((m + 10, n), float("nan"), device="cuda", dtype=torch.bfloat16)
     fp8_gemm(xq[7:1007], x_scale[7:1007].clone(), wq, w_scale, bias, out=buffer[3:1003])
-    assert rel_err(buffer[3:1003], expected[7:1007]) < 5e-3
+    assert rel_err(buffer[3:1003], expected[7:1007]) < 1.5e-3
     assert buffer[:3].isnan().all() and buffer[1003:].isnan().all()
 
     linear = make_linear(k, n).cuda()
     layer = Fp8Linear.from_linear(linear)
     inputs = F.gelu(x, approximate="tanh") if gelu else x
     with torch.no_grad():
-        assert rel_err(layer(inputs), linear(inputs)) < 0.08
+        assert rel_err(layer(inputs), linear(inputs)) < 0.073  # measured 3.63e-2 to 3.65e-2 on an H200
         rows = fp8_input(inputs, layer, layer)
-        assert rel_err(layer(rows[5:1005]), linear(inputs[5:1005])) < 0.08
+        assert rel_err(layer(rows[5:1005]), linear(inputs[5:1005])) < 0.073
