@@ -12,16 +12,26 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from vllm_layered.layer_tree import (
+    DecompositionJob,
+    LayerTree,
+    RefinementSpec,
+    build_tree,
+    parse_refinements,
+    plan_refinements,
+)
 from vllm_layered.model_executor.denoise import DenoiseState, apply_velocity, build_forward_batch
 from vllm_layered.model_executor.dummy_model import check_load_format
 from vllm_layered.model_executor.image_processing import (
+    MAX_ASPECT_RATIO,
     bucket_size,
     composite_layers,
     image_to_tensor,
@@ -314,6 +324,85 @@ class LayeredPipeline:
                 callback(step + 1, params.num_inference_steps)
         outputs = [LayeredOutput(layers=self.decode(s), prompt=p) for s, p in zip(states, prompts)]
         return outputs[0] if single else outputs
+
+    # -- recursive decomposition --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decompose_tree(
+        self,
+        image: Image.Image | bytes | str | os.PathLike,
+        refine: str | Sequence[RefinementSpec] = (),
+        prompt: str | None = None,
+        negative_prompt: str | None = " ",
+        true_cfg_scale: float = 4.0,
+        cfg_normalize: bool = True,
+        layers: int = 4,
+        resolution: int = 640,
+        num_inference_steps: int = 50,
+        seed: int | None = None,
+        use_en_prompt: bool = True,
+        max_sequence_length: int = 512,
+        callback: StepCallback | None = None,
+    ) -> LayerTree:
+        """Decompose ``image``, then decompose its layers again as ``refine`` says: a tree (layer_tree.py).
+
+        ``refine``: "PATH:N" strings or {"layer": PATH, "layers": N[, "prompt": TEXT]} dicts (or a JSON array
+        of them); all are checked before any work. Every decomposition of the tree takes the other arguments;
+        a refinement without a prompt captions its own input. The root uses ``seed`` (its layers are
+        ``self(image, seed=seed, ...)``'s), the refinement of layer P ``refinement_seed(seed, P)``. A
+        refinement's input is prepared once its parent layer is decoded, and the refinements of one depth are
+        denoised together, in packed steps.
+        ``callback(step, total)`` counts the steps of every level: total = num_inference_steps x levels.
+        """
+        params = GenerationParams(
+            layers=layers,
+            resolution=resolution,
+            num_inference_steps=num_inference_steps,
+            true_cfg_scale=true_cfg_scale,
+            cfg_normalize=cfg_normalize,
+            use_en_prompt=use_en_prompt,
+            max_sequence_length=max_sequence_length,
+        )
+        plan = plan_refinements(parse_refinements(refine), root_layers=layers, max_layers=MAX_LAYERS)
+        total = num_inference_steps * (1 + max((r.depth for r in plan), default=0))
+        done = 0
+
+        def step_done() -> None:
+            nonlocal done
+            done += 1
+            if callback is not None:
+                callback(done, total)
+
+        return build_tree(
+            load_image(image),
+            layers=layers,
+            prompt=prompt,
+            seed=secrets.randbelow(2**63) if seed is None else seed,
+            plan=plan,
+            decompose=lambda jobs: self._decompose_jobs(jobs, params, negative_prompt, step_done),
+            max_aspect_ratio=MAX_ASPECT_RATIO,
+        )
+
+    def _decompose_jobs(
+        self,
+        jobs: list[DecompositionJob],
+        params: GenerationParams,
+        negative_prompt: str | None,
+        step_done: Callable[[], None],
+    ) -> list[tuple[list[Image.Image], str]]:
+        """Decompose ``jobs`` (each its own image, layer count, prompt and seed) in packed steps; per job
+        its layers at its bucket size and the prompt used."""
+        states, prompts = [], []
+        for job in jobs:
+            job_params = replace(params, layers=job.layers)
+            cond, neg, prompt = self.encode_prompts(job.image, job.prompt, negative_prompt, job_params)
+            generator = torch.Generator("cpu").manual_seed(job.seed)
+            states.append(self.prepare(job.image, job_params, cond, neg, generator=generator))
+            prompts.append(prompt)
+        for _ in range(params.num_inference_steps):
+            self.denoise_step(states)
+            step_done()
+        return [(self.decode(state), prompt) for state, prompt in zip(states, prompts)]
 
 
 def _per_image(value: str | Sequence[str] | None, batch: int, name: str) -> list[str | None]:
