@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from vllm_layered.model_executor.text import check_text
+
 PROMPT_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
     "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
@@ -112,6 +114,8 @@ class PromptEncoder:
         """
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a list of strings")
+        for i, prompt in enumerate(prompts):
+            check_text(prompt, f"prompt {i}")
         if (
             isinstance(max_sequence_length, bool)
             or not isinstance(max_sequence_length, int)
