@@ -20,7 +20,7 @@ LAYER_ORDER = "bottom_to_top"
 PACKAGE_FORMATS = ("zip", "psd", "pptx")
 OUTPUT_FORMATS = ("png", "webp")
 MAX_SEED = 2**63 - 1
-# Guidance beyond ~20 only burns the image; the bound keeps neg + s * (cond - neg) far from float overflow.
+# The official app guides with 4; the bound keeps neg + s * (cond - neg) far from float overflow (NaN layers).
 MAX_CFG_SCALE = 100.0
 # The text encoder reads at most 1024 tokens of a prompt (512 by default), a few thousand characters:
 # longer text cannot change the layers, it only costs tokenizer time and memory.
