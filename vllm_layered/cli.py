@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -160,8 +161,27 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--result-json", type=Path, default=None)
 
 
+def _optional_limit(kind: type[int] | type[float]) -> Callable[[str], int | float | None]:
+    """An argparse type for a limit that 0 or "none" turns off (None)."""
+
+    def parse(text: str) -> int | float | None:
+        if text.strip().lower() == "none":
+            return None
+        value = kind(text)
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'none', got {text!r}")
+        return None if value == 0 or math.isinf(value) else value
+
+    return parse
+
+
 def _add_server_parsers(sub: argparse._SubParsersAction) -> None:
     from vllm_layered.serving.engine.scheduler import STEP_ORDERS
+    from vllm_layered.serving.limits import (
+        DEFAULT_BODY_TIMEOUT_S,
+        DEFAULT_MAX_REQUEST_WORK,
+        DEFAULT_REQUEST_TIMEOUT_S,
+    )
 
     p = sub.add_parser("serve", help="serve the OpenAI-compatible images API")
     p.add_argument("--model", help="diffusers folder or Hugging Face repo id (default: the embedded tiny model)")
@@ -177,7 +197,21 @@ def _add_server_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest request body")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest input image (width * height)")
     p.add_argument("--max-n", type=int, default=4, help="most decompositions per request")
-    p.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is dropped")
+    p.add_argument("--request-timeout", type=_optional_limit(float), default=DEFAULT_REQUEST_TIMEOUT_S,
+                   help="seconds from submission until a request is dropped with a 504 (0 or none: never). "
+                        "The default (%(default)s) is about twice what the largest request that "
+                        "--max-request-work admits by default takes alone on an H200, so only requests that "
+                        "are stuck or queued for long reach it")
+    p.add_argument("--body-timeout", type=_optional_limit(float), default=DEFAULT_BODY_TIMEOUT_S,
+                   help="seconds a client has to send its whole request body, else 408 and its tenant slot "
+                        "is freed (0 or none: no limit). The default (%(default)s) lets a 32 MB upload arrive "
+                        "at about 1 MB/s")
+    p.add_argument("--max-request-work", type=_optional_limit(int), default=DEFAULT_MAX_REQUEST_WORK,
+                   help="most work one request may ask for, in image token-forwards: (layers + 2) x (H/16) x "
+                        "(W/16) image tokens of its resolution bucket, x 2 with CFG, x steps x n; more is a "
+                        "400 before any work (0 or none: no cap; a tenant's max_request_work in --api-keys "
+                        "replaces it). The default (%(default)s) admits 20 layers at 1024 with 50 CFG steps, "
+                        "n=1 (at most 9,504,000), and refuses twice that")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to finish work on shutdown")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))

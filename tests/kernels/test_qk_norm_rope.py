@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from tests.reference import import_reference
 from vllm_layered.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
 from vllm_layered.kernels.triton_utils import HAS_TRITON
 
@@ -64,8 +65,8 @@ def test_text_and_image_rows_fill_one_buffer(device, check_close):
 
 def test_reference_matches_diffusers():
     """qk_norm_rope_ref is diffusers' RMSNorm followed by Qwen-Image's complex RoPE, bit for bit."""
-    diffusers_norm = pytest.importorskip("diffusers.models.normalization")
-    qwen = pytest.importorskip("diffusers.models.transformers.transformer_qwenimage")
+    diffusers_norm = import_reference("diffusers.models.normalization")
+    qwen = import_reference("diffusers.models.transformers.transformer_qwenimage")
     n, h, d = 19, 3, 32
     for dtype, weight_dtype in [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)]:
         x, weight, cos, sin = make_inputs(n, h, d, dtype, weight_dtype, "cpu")

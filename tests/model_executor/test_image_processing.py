@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import importlib.util
 import io
 import math
 import struct
@@ -17,12 +16,16 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from tests.reference import import_reference
 from vllm_layered.model_executor.image_processing import (
+    BucketImage,
     InvalidImageError,
+    bucket_pixels,
     bucket_size,
     composite_layers,
     image_to_tensor,
     load_image,
+    resize_to_bucket,
     tensor_to_images,
     validate_resolution,
 )
@@ -32,10 +35,7 @@ from vllm_layered.model_executor.image_processing import (
 def reference_calculate_dimensions_function():
     """diffusers' calculate_dimensions, compiled from the pipeline's source file: importing the pipeline
     module would pull in transformers' Qwen2.5-VL and cost ~9 s on a 2-core CPU."""
-    spec = importlib.util.find_spec("diffusers")
-    if spec is None:
-        pytest.skip("diffusers is not installed")
-    path = Path(spec.origin).parent / "pipelines" / "qwenimage" / "pipeline_qwenimage_layered.py"
+    path = Path(import_reference().__file__).parent / "pipelines" / "qwenimage" / "pipeline_qwenimage_layered.py"
     tree = ast.parse(path.read_text())
     (function,) = [node for node in tree.body if getattr(node, "name", None) == "calculate_dimensions"]
     namespace = {"math": math}
@@ -48,7 +48,7 @@ def reference_calculate_dimensions(target_area: int, ratio: float) -> tuple[int,
 
 
 def reference_processor():
-    return pytest.importorskip("diffusers.image_processor").VaeImageProcessor(vae_scale_factor=16)
+    return import_reference("diffusers.image_processor").VaeImageProcessor(vae_scale_factor=16)
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
@@ -96,6 +96,27 @@ def test_decompression_bomb_is_refused_from_the_header(side):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # neither PIL's DecompressionBombWarning nor its Error may escape
         assert error_code(bomb) == "too_many_pixels"
+
+
+class Refused(Exception):
+    pass
+
+
+def test_check_size_sees_the_header_size_before_decoding():
+    seen = []
+
+    def check(width: int, height: int) -> None:
+        seen.append((width, height))
+        raise Refused
+
+    # the pixel data is broken: refusing without corrupt_image shows nothing was decoded
+    with pytest.raises(Refused):
+        load_image(png_with_header(300, 200), check_size=check)
+    with pytest.raises(InvalidImageError):  # the pixel limit comes first
+        load_image(png_with_header(300, 200), max_pixels=100, check_size=check)
+    assert seen == [(300, 200)]
+    assert load_image(noise_rgba(30, 20), check_size=lambda w, h: seen.append((w, h))).size == (30, 20)
+    assert seen[-1] == (30, 20)
 
 
 def test_max_pixels_is_checked_before_decoding():
@@ -336,7 +357,7 @@ def test_bucket_size_refuses_empty():
     assert info.value.code == "empty_image"
 
 
-@pytest.mark.parametrize("resolution", [800, 0, 512, "640", True, 640.5])
+@pytest.mark.parametrize("resolution", [0, 512, "640", True, 640.5])
 def test_validate_resolution_rejects(resolution):
     with pytest.raises(ValueError, match="resolution must be 640 or 1024, got"):
         validate_resolution(resolution)
@@ -349,6 +370,41 @@ def test_validate_resolution_message():
         validate_resolution(800)
     assert str(info.value) == "resolution must be 640 or 1024, got 800"
     assert validate_resolution(640) == 640 and validate_resolution(1024) == 1024
+
+
+# ---- bucket images ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("source_size", "resolution"), [((300, 100), 640), ((96, 64), 640), ((1000, 700), 1024)])
+def test_resize_to_bucket_is_the_reference_resize(source_size, resolution):
+    image = noise_rgba(*source_size)
+    bucket = resize_to_bucket(image, resolution)
+    width, height = bucket_size(*source_size, resolution)
+    assert (bucket.width, bucket.height, bucket.resolution) == (*source_size, resolution)
+    assert bucket.pixels.mode == "RGBA" and bucket.pixels.size == (width, height)
+    reference = reference_processor().resize(image, height, width)
+    assert np.array_equal(np.asarray(bucket.pixels), np.asarray(reference))
+    assert bucket_pixels(bucket, resolution) is bucket.pixels
+    assert np.array_equal(np.asarray(bucket_pixels(image, resolution)), np.asarray(reference))
+
+
+def test_a_bucket_image_keeps_its_source_bucket():
+    # 1120x384 is the 640 bucket of 3000x1000 but not its own (1088x384): recomputing the bucket from the
+    # resized pixels would pick another shape, so a BucketImage answers with the source size.
+    assert bucket_size(3000, 1000, 640) == (1120, 384) and bucket_size(1120, 384, 640) == (1088, 384)
+    bucket = resize_to_bucket(Image.new("RGBA", (3000, 1000)), 640)
+    assert bucket_size(bucket.width, bucket.height, 640) == bucket.pixels.size == (1120, 384)
+    assert bucket_pixels(bucket, 640).size == (1120, 384)
+
+
+def test_bucket_images_refuse_mismatches():
+    bucket = resize_to_bucket(noise_rgba(96, 64), 640)
+    with pytest.raises(ValueError, match="resized for resolution 640, not 1024"):
+        bucket_pixels(bucket, 1024)
+    with pytest.raises(ValueError, match="holds RGBA 768x512 pixels, got RGBA 96x64"):
+        BucketImage(noise_rgba(96, 64), 96, 64, 640)
+    with pytest.raises(ValueError, match="RGBA"):
+        resize_to_bucket(Image.new("RGB", (96, 64)), 640)
 
 
 # ---- tensors in and out -------------------------------------------------------------------------------

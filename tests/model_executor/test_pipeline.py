@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.reference import import_reference
 from vllm_layered.model_executor.models.text_encoder import pad_embeddings
 from vllm_layered.model_executor.pipeline import LayeredPipeline
 
@@ -17,22 +18,17 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def pipelines(tiny_checkpoint):
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImageLayeredPipeline,
-        QwenImageTransformer2DModel,
-    )
+    diffusers = import_reference()
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     root = tiny_checkpoint
-    ref = QwenImageLayeredPipeline(  # the processor is only needed for auto-captions, not used here
-        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
-        vae=AutoencoderKLQwenImage.from_pretrained(root / "vae"),
+    ref = diffusers.QwenImageLayeredPipeline(  # the processor is only needed for auto-captions, not used here
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
+        vae=diffusers.AutoencoderKLQwenImage.from_pretrained(root / "vae"),
         text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder"),
         tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
         processor=None,
-        transformer=QwenImageTransformer2DModel.from_pretrained(root / "transformer"),
+        transformer=diffusers.QwenImageTransformer2DModel.from_pretrained(root / "transformer"),
     )
     ref.set_progress_bar_config(disable=True)
     ours = LayeredPipeline.from_pretrained(root, device="cpu", dtype=torch.float32)

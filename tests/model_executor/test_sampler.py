@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline
 
+from tests.reference import import_reference
 from vllm_layered.model_executor.latents import pack_latents, unpack_latents
 from vllm_layered.model_executor.sampler import (
     SchedulerConfig,
@@ -13,6 +13,10 @@ from vllm_layered.model_executor.sampler import (
     layered_mu,
     sigma_schedule,
 )
+
+diffusers = import_reference()
+FlowMatchEulerDiscreteScheduler = diffusers.FlowMatchEulerDiscreteScheduler
+QwenImageLayeredPipeline = diffusers.QwenImageLayeredPipeline
 
 CONFIGS = [
     dict(use_dynamic_shifting=True, time_shift_type="linear"),

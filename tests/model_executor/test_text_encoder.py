@@ -1,4 +1,5 @@
-"""PromptEncoder against diffusers' QwenImageLayeredPipeline.encode_prompt / get_image_caption."""
+"""PromptEncoder against diffusers' QwenImageLayeredPipeline.encode_prompt / get_image_caption, and what
+LayeredPipeline captions when the prompt is empty."""
 
 from __future__ import annotations
 
@@ -6,14 +7,16 @@ import ast
 import inspect
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from tests.reference import import_reference
+from vllm_layered.model_executor.image_processing import resize_to_bucket
 from vllm_layered.model_executor.models import text_encoder as te
 from vllm_layered.model_executor.models.text_encoder import CaptionUnavailableError, PromptEncoder, pad_embeddings
-
-pytest.importorskip("diffusers")
+from vllm_layered.model_executor.pipeline import GenerationParams, LayeredPipeline
 
 SHORT = "a red cat"
 LONG = (
@@ -22,12 +25,11 @@ LONG = (
 )
 
 
-def _torchvision_importable() -> bool:
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        return False
-    return True
+def require_torchvision() -> None:
+    """Captioning needs transformers' Qwen2VLProcessor, which needs torchvision: skip, saying why, without it."""
+    problem = te._torchvision_problem()
+    if problem is not None:
+        pytest.skip(f"captioning needs torchvision, which cannot be imported here ({problem})")
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +39,9 @@ def encoder(tiny_checkpoint: Path) -> PromptEncoder:
 
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoint: Path):
-    from diffusers import QwenImageLayeredPipeline
-
-    processor = {} if _torchvision_importable() else {"processor": None}
-    return QwenImageLayeredPipeline.from_pretrained(tiny_checkpoint, torch_dtype=torch.float32, **processor)
+    processor = {} if te._torchvision_problem() is None else {"processor": None}
+    pipeline_class = import_reference().QwenImageLayeredPipeline
+    return pipeline_class.from_pretrained(tiny_checkpoint, torch_dtype=torch.float32, **processor)
 
 
 def _reference_rows(reference, prompts: list[str], max_sequence_length: int) -> list[torch.Tensor]:
@@ -57,7 +58,7 @@ def _assert_close(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> None:
 
 
 def test_prompt_data_equals_the_reference() -> None:
-    from diffusers.pipelines.qwenimage import pipeline_qwenimage_layered
+    pipeline_qwenimage_layered = import_reference("diffusers.pipelines.qwenimage.pipeline_qwenimage_layered")
 
     strings = {}
     for node in ast.walk(ast.parse(inspect.getsource(pipeline_qwenimage_layered))):
@@ -128,16 +129,34 @@ def test_bfloat16(tiny_checkpoint: Path, encoder: PromptEncoder) -> None:
     assert ((out.float() - full).norm() / full.norm()).item() < 0.05
 
 
-def test_caption(encoder: PromptEncoder, reference) -> None:
+def test_encode_refuses_text_the_tokenizer_cannot_take(encoder: PromptEncoder) -> None:
+    with pytest.raises(ValueError, match=r"prompt 1 is not valid Unicode text: .* U\+D800 at character 2"):
+        encoder.encode([SHORT, "ab\ud800"])
+    assert encoder.encode(["nul \x00 and \uffff"])[0].shape[0] > 0  # odd but valid text is fine
+
+
+def test_caption_without_the_processor_explains_and_remembers(
+    tiny_checkpoint: Path, encoder: PromptEncoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where torchvision is missing the processor cannot load: the error says so, once, and encoding still works."""
+    monkeypatch.setattr(te, "_torchvision_problem", lambda: "ModuleNotFoundError: No module named 'torchvision'")
+    loads = []
+    real_load = te._load_processor
+    monkeypatch.setattr(te, "_load_processor", lambda path: loads.append(path) or real_load(path))
+    broken = PromptEncoder(encoder.model, encoder.tokenizer, tmp_path / "no-processor")
     image = Image.new("RGBA", (96, 64), (200, 30, 30, 255))
-    if not _torchvision_importable():
-        with pytest.raises(CaptionUnavailableError, match="torchvision") as info:
-            encoder.caption(image, use_en_prompt=True)
-        assert "processor" in str(info.value) and str(encoder.processor_path) in str(info.value)
-        with pytest.raises(CaptionUnavailableError):  # the failure is remembered, not retried
-            encoder.caption(image, use_en_prompt=False)
-        assert encoder.encode([SHORT])  # everything else still works
-        return
+    with pytest.raises(CaptionUnavailableError, match="torchvision") as info:
+        broken.caption(image, use_en_prompt=True)
+    assert "processor" in str(info.value) and str(broken.processor_path) in str(info.value)
+    with pytest.raises(CaptionUnavailableError):  # the failure is remembered, not retried
+        broken.caption(image, use_en_prompt=False)
+    assert loads == [tmp_path / "no-processor"]
+    assert broken.encode([SHORT])[0].shape == encoder.encode([SHORT])[0].shape
+
+
+def test_caption(encoder: PromptEncoder, reference) -> None:
+    require_torchvision()
+    image = Image.new("RGBA", (96, 64), (200, 30, 30, 255))
     for use_en_prompt in (True, False):
         caption = encoder.caption(image, use_en_prompt=use_en_prompt)
         assert isinstance(caption, str)
@@ -150,3 +169,41 @@ def test_caption_rejects_bad_input(encoder: PromptEncoder) -> None:
         encoder.caption(b"not an image", use_en_prompt=True)
     with pytest.raises(ValueError, match="max_new_tokens"):
         encoder.caption(Image.new("RGB", (32, 32)), use_en_prompt=True, max_new_tokens=0)
+
+
+def test_empty_prompt_is_captioned_from_what_the_reference_captions(
+    tiny_checkpoint: Path, reference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reference captions the input resized to its bucket (Lanczos, RGBA as given), not the upload."""
+    require_torchvision()
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (64, 96, 4), dtype=np.uint8))  # its 640 bucket: 768x512
+    seen: dict[str, object] = {}
+
+    class Stop(Exception):
+        pass
+
+    def reference_caption(prompt_image, use_en_prompt=True, device=None):
+        seen["reference_image"] = prompt_image
+        return type(reference).get_image_caption(reference, prompt_image, use_en_prompt=use_en_prompt, device=device)
+
+    def reference_encode_prompt(prompt=None, **kwargs):
+        seen["reference_prompt"] = prompt
+        raise Stop  # the prompt is known: the rest of the reference call is not needed
+
+    monkeypatch.setattr(reference, "get_image_caption", reference_caption)
+    monkeypatch.setattr(reference, "encode_prompt", reference_encode_prompt)
+    with pytest.raises(Stop):
+        reference(image=image, prompt="", layers=2, resolution=640, num_inference_steps=1, use_en_prompt=True)
+
+    ours = LayeredPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32)
+    captioned = []
+    monkeypatch.setattr(ours, "caption", lambda im, en: captioned.append(im) or LayeredPipeline.caption(ours, im, en))
+    params = GenerationParams(layers=2, resolution=640, num_inference_steps=1, use_en_prompt=True)
+    for given in (image, resize_to_bucket(image, 640)):  # as the offline pipeline and as the server pass it
+        prompt = ours.encode_prompts(given, "", " ", params)[2]
+        assert prompt == seen["reference_prompt"] and prompt
+    reference_image = seen["reference_image"]
+    for im in captioned:
+        assert im.size == reference_image.size == (768, 512) and im.mode == reference_image.mode == "RGBA"
+        assert np.array_equal(np.asarray(im), np.asarray(reference_image))

@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tests.reference import import_reference
 from vllm_layered.model_executor import tiny_checkpoint as tiny
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = import_reference()
 
 EXPECTED_FILES = {
     "model_index.json",
@@ -157,7 +158,7 @@ def test_value_recipe(tiny_checkpoint: Path) -> None:
 
 def test_diffusers_pipeline_loads_the_folder(tiny_checkpoint: Path) -> None:
     """diffusers loads the folder as it is; without torchvision only the processor cannot load."""
-    from diffusers import QwenImageLayeredPipeline
+    QwenImageLayeredPipeline = diffusers.QwenImageLayeredPipeline
 
     if _torchvision_importable():
         pipe = QwenImageLayeredPipeline.from_pretrained(tiny_checkpoint, torch_dtype=torch.float32)

@@ -2,11 +2,13 @@
 
 import pytest
 import torch
-from diffusers import QwenImageTransformer2DModel
 
+from tests.reference import import_reference
 from vllm_layered.model_executor.forward_batch import ForwardBatch, SequenceLayout
 from vllm_layered.model_executor.models.transformer import LayeredTransformer
 from vllm_layered.model_executor.weight_loader import WeightLoadError
+
+QwenImageTransformer2DModel = import_reference().QwenImageTransformer2DModel
 
 TINY = dict(
     patch_size=2,

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKLQwenImage
-from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
 from safetensors.torch import load_file, save_file
 
+from tests.reference import import_reference
 from vllm_layered.model_executor.models.vae import RGBAVAE, CausalConv3d, VAEConfig
 from vllm_layered.model_executor.weight_loader import WeightLoadError
+
+AutoencoderKLQwenImage = import_reference().AutoencoderKLQwenImage
+QwenImageCausalConv3d = import_reference("diffusers.models.autoencoders.autoencoder_kl_qwenimage").QwenImageCausalConv3d
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 

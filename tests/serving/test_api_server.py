@@ -9,8 +9,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -23,6 +25,8 @@ MAX_UPLOAD_MB = 1
 MAX_PIXELS = 4_000_000
 FAST = {"num_inference_steps": "1", "true_cfg_scale": "1"}  # one step, no CFG: the cheapest request
 LONG = {"layers": "1", "num_inference_steps": "500", "prompt": "long"}  # aborted long before it ends
+FAST_BYTES = {k: v.encode() for k, v in FAST.items()}
+JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +165,8 @@ def test_generations_are_marked_experimental(http):
 
 def test_metrics_parse_and_count_traffic(server, http):
     before = server.metrics()
-    assert edit(http, {"layers": "1", **FAST}).status_code == 200
-    assert edit(http, {"layers": "0"}).status_code == 400
+    edit(http, {"layers": "1", **FAST})
+    edit(http, {"layers": "0"})
     after = server.metrics()
 
     def delta(name, **labels):
@@ -198,24 +202,92 @@ BAD_FIELDS = [
     ({"num_inference_steps": "1001"}, 400, "num_inference_steps", "invalid_value"),
     ({"n": "0"}, 400, "n", "invalid_value"),
     ({"n": "3"}, 400, "n", "invalid_value"),
+    ({"layers": "9" * 5000}, 400, "layers", "invalid_value"),
+    ({"resolution": "0"}, 400, "resolution", "invalid_value"),
     ({"seed": "-1"}, 400, "seed", "invalid_value"),
+    ({"seed": str(2**63)}, 400, "seed", "invalid_value"),
     ({"size": "huge"}, 400, "size", "invalid_value"),
+    ({"size": "0x0"}, 400, "size", "invalid_value"),
+    ({"true_cfg_scale": "inf"}, 400, "true_cfg_scale", "invalid_value"),
+    ({"true_cfg_scale": "nan"}, 400, "true_cfg_scale", "invalid_value"),
+    ({"true_cfg_scale": "101"}, 400, "true_cfg_scale", "invalid_value"),
+    ({"guidance_scale": "-inf"}, 400, "guidance_scale", "invalid_value"),
+    ({"prompt": "x" * 16385}, 400, "prompt", "invalid_value"),
+    ({"layers": "20", "resolution": "1024", "num_inference_steps": "1000"}, 400, None, "work_limit_exceeded"),
     ({"model": "someone/else"}, 404, "model", "model_not_found"),
-    ({"response_format": "url"}, 400, "response_format", "invalid_value"),
     ({"output_format": "jpeg"}, 400, "output_format", "invalid_value"),
     ({"package": "rar"}, 400, "package", "invalid_value"),
     ({"true_cfg_scale": "2", "guidance_scale": "3"}, 400, "guidance_scale", "invalid_value"),
 ]
 
 
-@pytest.mark.parametrize(("fields", "status", "param", "code"), BAD_FIELDS, ids=[str(c[0]) for c in BAD_FIELDS])
+@pytest.mark.parametrize(("fields", "status", "param", "code"), BAD_FIELDS, ids=[str(c[0])[:60] for c in BAD_FIELDS])
 def test_bad_fields_are_4xx_with_the_error_body(http, fields, status, param, code):
     assert_error(edit(http, fields), status, param=param, code=code)
 
 
 def test_url_response_format_explains_itself(http):
-    error = assert_error(edit(http, {"response_format": "url"}), 400)
+    error = assert_error(edit(http, {"response_format": "url"}), 400, param="response_format", code="invalid_value")
     assert "b64_json" in error["message"]
+
+
+def test_work_over_the_cap_names_the_limit_and_the_work(http):
+    fields = {"layers": "20", "resolution": "1024", "num_inference_steps": "100", "seed": "1"}
+    error = assert_error(edit(http, fields, image=png_bytes(64, 64)), 400, code="work_limit_exceeded")
+    assert "18,022,400 image token-forwards" in error["message"]  # 22 x 64 x 64 x 2 (CFG) x 100
+    assert "limit of 10,000,000" in error["message"]
+
+
+def _multipart(fields: dict[str, bytes], charset: str) -> tuple[bytes, dict[str, str]]:
+    """A multipart body whose text fields are in ``charset`` (starlette decodes them with it)."""
+    parts = [b'--b0\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n' % (k.encode(), v)
+             for k, v in fields.items()]
+    parts.append(b'--b0\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+                 b"Content-Type: image/png\r\n\r\n" + png_bytes() + b"\r\n--b0--\r\n")
+    return b"".join(parts), {"Content-Type": f"multipart/form-data; boundary=b0; charset={charset}"}
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_text_the_tokenizer_cannot_take_is_400_naming_the_field(server, http, field):
+    errors = server.sample("vllm_layered:request_failure_total", tenant="default", reason="error")
+    body = {"prompt": "a cat", "layers": 1, field: "a \ud800 b"}  # JSON spells a lone surrogate as an escape
+    response = http.post("/v1/images/generations", content=json.dumps(body), headers=JSON)
+    error = assert_error(response, 400, param=field, code="invalid_value")
+    assert "lone surrogate U+D800" in error["message"]
+    # a form may declare a charset that spells one too
+    content, headers = _multipart({"prompt": b"a cat", field: b"a \\ud800 b", **FAST_BYTES}, "unicode-escape")
+    error = assert_error(http.post("/v1/images/edits", content=content, headers=headers), 400, param=field)
+    assert "lone surrogate U+D800" in error["message"]
+    assert server.sample("vllm_layered:request_failure_total", tenant="default", reason="error") == errors
+
+
+JSON_FAULTS = [
+    (b"{bad json", None, "bad_body"),
+    (b"[" * 100000 + b"]" * 100000, None, "bad_body"),
+    (b'{"prompt": "x", "layers": ' + b"9" * 5000 + b"}", None, "bad_body"),
+    (b'{"prompt": "x", "true_cfg_scale": NaN}', None, "bad_body"),
+    (b'{"prompt": "x", "true_cfg_scale": 1e999}', "true_cfg_scale", "invalid_value"),
+    (b'{"prompt": "x", "layers": true}', "layers", "invalid_value"),
+    (b'"a string"', None, "bad_body"),
+]
+
+
+def _client_port(response: httpx.Response) -> int:
+    return response.extensions["network_stream"].get_extra_info("client_addr")[1]
+
+
+def test_json_faults_are_400_and_the_connection_stays_usable(server):
+    with httpx.Client(base_url=server.base_url, timeout=300) as client:
+        ports = set()
+        for body, param, code in JSON_FAULTS:
+            response = client.post("/v1/images/generations", content=body, headers=JSON)
+            assert_error(response, 400, param=param, code=code)
+            ports.add(_client_port(response))
+        good = {"prompt": "a cat", "layers": 1, "num_inference_steps": 1, "true_cfg_scale": 1}
+        response = client.post("/v1/images/generations", json=good)
+        assert response.status_code == 200, response.text
+        ports.add(_client_port(response))
+    assert len(ports) == 1  # one keep-alive connection served them all
 
 
 BAD_IMAGES = [
@@ -260,9 +332,9 @@ def test_malformed_bodies_are_400(http):
     assert_error(garbage, 400, code="bad_multipart")
     assert_error(http.post("/v1/images/edits", json={"prompt": "x"}), 400, code="bad_body")
     assert_error(edit(http, {}, headers={"X-Request-Id": "not a valid id!"}), 400, code="bad_request_id")
-    assert_error(http.post("/v1/images/generations", content=b"{bad json"), 400, code="bad_body")
     assert_error(http.post("/v1/images/generations", json={"prompt": "  "}), 400, param="prompt")
-    assert_error(http.get("/v1/no-such-route"), 404)
+    assert_error(http.get("/v1/no-such-route"), 404, code="http_404")
+    assert_error(http.get("/v1/images/edits"), 405, code="http_405")
 
 
 def test_the_server_still_serves_after_bad_requests(http):
@@ -319,10 +391,32 @@ def test_full_queue_is_503_with_retry_after(server, http):
     assert server.sample("vllm_layered:request_failure_total", tenant="default", reason="overloaded") >= 1
 
 
-def test_models_health_and_docs(server, http):
+def test_models_and_docs(server, http):
     models = http.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == [server.model]
-    assert health(http)["status"] == "ok"
     schema = http.get("/openapi.json").json()
     assert {"/v1/images/edits", "/v1/images/generations", "/v1/models", "/health"} <= set(schema["paths"])
     assert http.get("/docs").status_code == 200
+
+
+def test_a_full_queue_answers_at_once_without_reading_the_upload(server, http):
+    with ThreadPoolExecutor(3) as pool:
+        pending = [pool.submit(edit, http, LONG, headers={"X-Request-Id": "q-running"})]
+        wait_until(lambda: health(http)["num_requests_running"] == 1, what="the first request to start")
+        pending += [pool.submit(edit, http, LONG, headers={"X-Request-Id": f"q-waiting-{i}"}) for i in range(2)]
+        wait_until(lambda: health(http)["num_requests_waiting"] == 2, what="the queue to fill")
+        address = urlsplit(server.base_url)
+        with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+            # the headers of a 900 kB upload and none of its body: a server that read it would wait for it
+            sock.sendall(b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Length: 900000\r\n"
+                         b"Content-Type: multipart/form-data; boundary=b0\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):  # the server closes the connection after answering
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), answer
+        assert b"retry-after: 1" in head.lower() and b"connection: close" in head.lower()
+        assert json.loads(body)["error"]["code"] == "engine_overloaded"
+        for request_id in ("q-waiting-1", "q-waiting-0", "q-running"):
+            assert http.delete(f"/v1/requests/{request_id}").status_code == 200
+        assert [p.result(timeout=60).status_code for p in pending] == [409, 409, 409]

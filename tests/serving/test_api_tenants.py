@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -14,6 +17,9 @@ from vllm_layered.serving.tenants import hash_key
 
 KEYS = {"alpha": "sk-alpha-0123456789", "beta": "sk-beta-0123456789"}
 LONG = {"prompt": "long", "layers": "1", "num_inference_steps": "500", "true_cfg_scale": "1"}
+# 1 layer, no CFG, on the 64x48 input's 736x544 bucket: 3 x 46 x 34 = 4692 image tokens per step
+ALPHA_WORK_CAP = 4692 * 500
+BODY_TIMEOUT_S = 1
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +27,12 @@ def server(tiny_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tenants")
     keys_file = folder / "keys.json"
     keys_file.write_text(json.dumps({"tenants": [
-        {"name": "alpha", "api_key_sha256": [hash_key(KEYS["alpha"])], "max_concurrency": 1, "priority": 1},
+        {"name": "alpha", "api_key_sha256": [hash_key(KEYS["alpha"])], "max_concurrency": 1, "priority": 1,
+         "max_request_work": ALPHA_WORK_CAP},
         {"name": "beta", "api_key_sha256": hash_key(KEYS["beta"]), "requests_per_minute": 2, "weight": 2.0},
     ]}))
-    with start_server(tiny_checkpoint, folder, "--api-keys", str(keys_file)) as server:
+    with start_server(tiny_checkpoint, folder, "--api-keys", str(keys_file),
+                      "--body-timeout", str(BODY_TIMEOUT_S)) as server:
         yield server
 
 
@@ -91,3 +99,39 @@ def test_concurrency_limit_and_tenant_isolation(server):
     # the engine saw alpha's tenant name
     wait_until(lambda: server.sample("vllm_layered:request_failure_total", tenant="alpha", reason="cancelled") == 1,
                what="the cancellation in the engine metrics")
+
+
+def test_a_tenant_work_cap_replaces_the_server_one(server):
+    with client(server, "alpha") as alpha:
+        error = assert_error(edit(alpha, {**LONG, "num_inference_steps": "501"}), 400, code="work_limit_exceeded")
+    assert f"{4692 * 501:,}" in error["message"] and f"tenant 'alpha''s limit of {ALPHA_WORK_CAP:,}" in error["message"]
+    assert server.sample("vllm_layered:api_rejections_total", tenant="alpha", reason="work_limit") == 1
+
+
+def test_a_trickling_upload_is_408_and_frees_the_tenant_slot(server):
+    """alpha may have one request in flight: a client sending its body a byte at a time must not keep it."""
+    address = urlsplit(server.base_url)
+    start = time.monotonic()
+    with socket.create_connection((address.hostname, address.port), timeout=0.2) as sock:
+        sock.sendall(f"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS['alpha']}\r\n"
+                     "Content-Length: 100000\r\nContent-Type: multipart/form-data; boundary=b0\r\n\r\n"
+                     '--b0\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'.encode())
+        answer = b""
+        while time.monotonic() - start < 30:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                sock.sendall(b"x")  # one more byte of the image every 0.2 s: the body never ends
+                continue
+            if not chunk:
+                break
+            answer += chunk
+    elapsed = time.monotonic() - start
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower(), answer
+    assert json.loads(body)["error"]["code"] == "body_timeout"
+    assert BODY_TIMEOUT_S <= elapsed < BODY_TIMEOUT_S + 10
+    with client(server, "alpha") as alpha:  # the slot is free again: not a 429
+        assert edit(alpha, {**LONG, "num_inference_steps": "1"}).status_code == 200
+    assert server.sample("vllm_layered:api_rejections_total", tenant="alpha", reason="body_timeout") == 1
+    assert server.sample("vllm_layered:api_requests_total", tenant="alpha", endpoint="edits", status="408") == 1

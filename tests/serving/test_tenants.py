@@ -34,12 +34,13 @@ def write_keys(tmp_path, tenants) -> str:
 def test_keys_file_maps_hashed_keys_to_tenants(tmp_path):
     registry = TenantRegistry.from_file(write_keys(tmp_path, [
         {"name": "a", "api_key_sha256": [hash_key("key-a1"), hash_key("key-a2").upper()], "weight": 3},
-        {"name": "b", "api_key_sha256": hash_key("key-b"), "priority": 2},
+        {"name": "b", "api_key_sha256": hash_key("key-b"), "priority": 2, "max_request_work": 5000},
     ]))
     assert not registry.is_open
     assert registry.authenticate("Bearer key-a1").name == "a"
     assert registry.authenticate("bearer key-a2").name == "a"
     assert registry.authenticate("Bearer key-b").priority == 2
+    assert registry.tenants["b"].max_request_work == 5000 and registry.tenants["a"].max_request_work is None
     assert registry.weights() == {"a": 3, "b": 1.0}
     for header in (None, "", "Bearer", "Bearer nope", "Basic key-a1", "key-a1"):
         with pytest.raises(AuthenticationError):
@@ -61,6 +62,8 @@ def test_open_mode_admits_everyone_as_default():
         ([{"name": "a", "max_concurrency": 0}], "max_concurrency"),
         ([{"name": "a", "requests_per_minute": -1}], "requests_per_minute"),
         ([{"name": "a", "weight": 0}], "weight"),
+        ([{"name": "a", "max_request_work": 0}], "max_request_work"),
+        ([{"name": "a", "max_request_work": "100"}], "max_request_work"),
         ([{"name": "a"}, {"name": "a"}], "unique"),
         ([{"name": "a", "api_key_sha256": [hash_key("k")]}, {"name": "b", "api_key_sha256": [hash_key("k")]}],
          "another tenant"),

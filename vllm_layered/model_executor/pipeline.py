@@ -32,7 +32,8 @@ from vllm_layered.model_executor.denoise import DenoiseState, apply_velocity, bu
 from vllm_layered.model_executor.dummy_model import check_load_format
 from vllm_layered.model_executor.image_processing import (
     MAX_ASPECT_RATIO,
-    bucket_size,
+    ConditionImage,
+    bucket_pixels,
     composite_layers,
     image_to_tensor,
     load_image,
@@ -180,11 +181,13 @@ class LayeredPipeline:
 
     # -- preprocess ---------------------------------------------------------------------------------
 
-    def encode_condition(self, image: Image.Image, resolution: int) -> tuple[torch.Tensor, int, int]:
-        """Bucket-resize, VAE-encode and pack the input image: ([h*w, 64], h, w) in patches."""
-        width, height = bucket_size(image.width, image.height, resolution)
-        pixels = image_to_tensor(image, width, height).to(self.device, self.dtype)
-        z = self.vae.normalize_latents(self.vae.encode(pixels))
+    def encode_condition(self, image: ConditionImage, resolution: int) -> tuple[torch.Tensor, int, int]:
+        """Bucket-resize (unless it is a BucketImage), VAE-encode and pack the input image: ([h*w, 64], h, w)
+        in patches."""
+        pixels = bucket_pixels(image, resolution)
+        width, height = pixels.size
+        x = image_to_tensor(pixels, width, height).to(self.device, self.dtype)
+        z = self.vae.normalize_latents(self.vae.encode(x))
         return pack_latents(z), height // 16, width // 16
 
     def encode_text(self, prompts: list[str], max_sequence_length: int) -> list[torch.Tensor]:
@@ -193,13 +196,14 @@ class LayeredPipeline:
         return self.prompt_encoder.encode(prompts, max_sequence_length=max_sequence_length)
 
     def caption(self, image: Image.Image, use_en_prompt: bool) -> str:
+        """The VLM's caption of exactly ``image`` (encode_prompts hands it the bucket-resized input)."""
         if self.prompt_encoder is None:
             raise ValueError("an empty prompt needs the text encoder to caption the image")
         return self.prompt_encoder.caption(image, use_en_prompt=use_en_prompt)
 
     def encode_prompts(
         self,
-        image: Image.Image,
+        image: ConditionImage,
         prompt: str | None,
         negative_prompt: str | None,
         params: GenerationParams,
@@ -208,11 +212,14 @@ class LayeredPipeline:
         negative_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
         """Prompt embeddings (auto-captioning an empty prompt), negative embeddings when CFG is on, and
-        the prompt used. CFG is on when true_cfg_scale > 1 and a negative prompt is given, as in the reference."""
+        the prompt used. CFG is on when true_cfg_scale > 1 and a negative prompt is given, as in the reference.
+
+        The caption is made, as the reference makes it, from the input resized to its resolution bucket
+        (Lanczos, the mode as given: RGBA here), not from the image at its original size."""
         do_cfg = params.true_cfg_scale > 1 and (negative_prompt is not None or negative_embeds is not None)
         if prompt_embeds is None:
             if not prompt or not prompt.strip():
-                prompt = self.caption(image, params.use_en_prompt)
+                prompt = self.caption(bucket_pixels(image, params.resolution), params.use_en_prompt)
             prompt_embeds = self.encode_text([prompt], params.max_sequence_length)[0]
         if do_cfg and negative_embeds is None:
             negative_embeds = self.encode_text([negative_prompt], params.max_sequence_length)[0]

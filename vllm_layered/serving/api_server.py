@@ -8,6 +8,12 @@
                                 client sent, or the one in the first SSE event / response header)
 - GET /v1/models, GET /health (503 when the engine loop is dead or stuck), GET /metrics, GET /docs
 
+Before a body is read, the server checks the engine's queue has room (503 at once otherwise) and admits
+the tenant (429); the body must then arrive within ``--body-timeout`` (408). An upload is decoded,
+turned upright, converted to RGBA and resized to its resolution bucket once; only that BucketImage
+is kept. A request's work (serving/limits.py: request_work) is checked against the tenant's or the
+server's cap as soon as the image header gives its bucket, before any pixel is decoded.
+
 Responses hold one ``data`` entry per layer, bottom first (``layer_order: bottom_to_top``), each
 with ``layer_index`` and ``role``; n > 1 gives n decompositions (seeds seed..seed+n-1), their
 entries one after the other, marked by ``decomposition_index``. ``package=zip|psd|pptx`` returns
@@ -37,7 +43,15 @@ from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vllm_layered.model_executor.image_processing import RESOLUTIONS, InvalidImageError, bucket_size, load_image
+from vllm_layered.model_executor.image_processing import (
+    RESOLUTIONS,
+    BucketImage,
+    InvalidImageError,
+    SizeCheck,
+    bucket_size,
+    load_image,
+    resize_to_bucket,
+)
 from vllm_layered.model_executor.pipeline import MAX_LAYERS, GenerationParams
 from vllm_layered.serving.engine.request import (
     DeadlineExceededError,
@@ -48,9 +62,10 @@ from vllm_layered.serving.engine.request import (
     RequestOutput,
 )
 from vllm_layered.serving.jobs import DecompositionJob, DuplicateRequestError, JobRegistry
-from vllm_layered.serving.limits import ServerLimits
+from vllm_layered.serving.limits import ServerLimits, request_work
 from vllm_layered.serving.metrics import UNAUTHENTICATED, ServingMetrics
 from vllm_layered.serving.protocol import (
+    ERROR_CODES,
     APIError,
     CancelResponse,
     ErrorResponse,
@@ -75,21 +90,29 @@ from vllm_layered.serving.tenants import (
     Tenant,
     TenantRegistry,
 )
-from vllm_layered.serving.uploads import ClientGone, read_form, read_json, wait_for_disconnect
+from vllm_layered.serving.uploads import CLOSE, ClientGone, read_form, read_json, wait_for_disconnect
 
 if TYPE_CHECKING:
     from vllm_layered.serving.engine.engine import AsyncLayeredEngine
 
 OVERLOAD_RETRY_AFTER_S = 1
+# Uploads decoded at once. A decode briefly holds about 8 bytes per input pixel (the RGBA image and the
+# premultiplied copy Pillow resizes: ~325 MB at 40 MP); the bound keeps that the same however many upload.
+DECODE_CONCURRENCY = 2
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _PACKAGE_MODULES = {"psd": "psd_tools", "pptx": "pptx"}
-_REJECTION_REASONS = {401: "unauthorized", 404: "model_not_found", 409: "conflict", 413: "too_large", 503: "overloaded"}
+_REJECTION_REASONS = {
+    401: "unauthorized", 404: "model_not_found", 408: "body_timeout", 409: "conflict", 413: "too_large",
+    503: "overloaded",
+}
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in [
         (400, "Invalid request (error.param names the field)"),
         (401, "Missing or invalid API key"),
         (404, "Unknown model"),
+        (408, "The request body did not arrive within --body-timeout"),
+        (409, "X-Request-Id already in flight"),
         (413, "Upload or image too large"),
         (429, "Tenant over its rate or concurrency limit (see Retry-After)"),
         (503, "Engine overloaded or shutting down (see Retry-After)"),
@@ -108,16 +131,22 @@ class _Exchange:
         api.metrics.api_in_progress.labels(tenant.name).inc()
 
     def end(self, status: int) -> None:
+        """Release the slot and record ``status`` (call from the event loop; later calls do nothing)."""
         if self._ended:
             return
         self._ended = True
         self._admission.release()
-        if self.job is not None:
+        if self.job is not None and status == 200:  # every decomposition has its result: nothing left to wait for
             self.api.jobs.finish(self.job)
-            if status != 200:
-                self.job.abort()
+        elif self.job is not None:
+            self.job.abort()
+            self.api.retire(self.job)
         self.api.metrics.api_in_progress.labels(self.tenant.name).dec()
         self.api.metrics.record_api_request(self.tenant.name, self.endpoint, status)
+
+    async def closed(self) -> None:
+        """A stream's background task: the stream ended, or the client went away (status 499)."""
+        self.end(499)
 
 
 class LayeredAPI:
@@ -140,6 +169,8 @@ class LayeredAPI:
         self.admission = AdmissionControl()
         self.jobs = JobRegistry()
         self.created = int(time.time())
+        self._decode_slots = asyncio.Semaphore(DECODE_CONCURRENCY)
+        self._retiring: set[asyncio.Task] = set()
 
     # -- callers --------------------------------------------------------------------------------
 
@@ -161,6 +192,8 @@ class LayeredAPI:
             raise
         try:
             request_id = self._request_id(request)
+            if not self.engine.has_queue_room(tenant.name):  # before reading (and decoding) any of the body
+                raise _overloaded("the waiting queue is full", close=True)
             admission = self.admission.admit(tenant)
         except (APIError, AdmissionError) as e:
             error = _admission_error(e) if isinstance(e, AdmissionError) else e
@@ -169,7 +202,7 @@ class LayeredAPI:
         exchange = _Exchange(self, tenant, endpoint, request_id, admission)
         try:
             read = self._read_edit if endpoint == "edits" else self._read_generation
-            options, params, image, prompt = await read(request)
+            options, params, image, prompt = await read(request, tenant)
             exchange.job = self._submit(tenant, request_id, options, params, image, prompt)
         except ClientGone:
             exchange.end(499)
@@ -188,7 +221,7 @@ class LayeredAPI:
                 reply.events(),
                 media_type="text/event-stream",
                 headers={**SSE_HEADERS, **headers},
-                background=BackgroundTask(exchange.end, 499),
+                background=BackgroundTask(exchange.closed),
             )
         return await reply.json(request, headers)
 
@@ -205,16 +238,25 @@ class LayeredAPI:
             raise APIError(400, "X-Request-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -", code="bad_request_id")
         return given
 
-    async def _read_edit(self, request: Request) -> tuple[LayeredOptions, GenerationParams, Image.Image, str | None]:
+    async def _read_edit(
+        self, request: Request, tenant: Tenant
+    ) -> tuple[LayeredOptions, GenerationParams, BucketImage, str | None]:
         fields, data = await read_form(request, self.limits)
         options = _validate(ImageEditForm, fields)
         params = self._params(options)
-        image = await asyncio.to_thread(self._decode, data, params.resolution)
+
+        def check_size(width: int, height: int) -> None:  # from the image header, before decoding
+            self._check_work(tenant, options, params, bucket_size(width, height, params.resolution))
+
+        async with self._decode_slots:
+            image = await asyncio.to_thread(
+                decode_upload, data, self.limits.max_pixels, params.resolution, check_size=check_size
+            )
         return options, params, image, options.prompt.strip() or None
 
     async def _read_generation(
-        self, request: Request
-    ) -> tuple[LayeredOptions, GenerationParams, Image.Image, str | None]:
+        self, request: Request, tenant: Tenant
+    ) -> tuple[LayeredOptions, GenerationParams, BucketImage, str | None]:
         body = await read_json(request, self.limits)
         if not isinstance(body, dict):
             raise APIError(400, "request body must be a JSON object", code="bad_body")
@@ -222,10 +264,23 @@ class LayeredAPI:
         params = self._params(options)
         width, height = options.size_pixels() or (params.resolution, params.resolution)
         try:  # the canvas only carries the aspect ratio: make it at its bucket size
-            canvas_size = bucket_size(width, height, params.resolution)
+            bucket = bucket_size(width, height, params.resolution)
         except InvalidImageError as e:
             raise APIError(400, str(e), code=e.code, param="size") from None
-        return options, params, Image.new("RGBA", canvas_size, (0, 0, 0, 0)), options.prompt
+        self._check_work(tenant, options, params, bucket)
+        canvas = BucketImage(Image.new("RGBA", bucket, (0, 0, 0, 0)), width, height, params.resolution)
+        return options, params, canvas, options.prompt
+
+    def _check_work(
+        self, tenant: Tenant, options: LayeredOptions, params: GenerationParams, bucket: tuple[int, int]
+    ) -> None:
+        """The work cap (serving/limits.py). The server always sends a negative prompt, so CFG is on when
+        true_cfg_scale > 1."""
+        work = request_work(
+            layers=params.layers, bucket=bucket, num_inference_steps=params.num_inference_steps,
+            cfg=params.true_cfg_scale > 1, n=options.n,
+        )
+        self.limits.check_work(work, tenant.name, tenant.max_request_work)
 
     def _params(self, options: LayeredOptions) -> GenerationParams:
         """Model and request-level checks, then GenerationParams (which validates the model's ranges)."""
@@ -246,7 +301,7 @@ class LayeredAPI:
             resolution = min(RESOLUTIONS, key=lambda r: abs(r - math.sqrt(width * height)))
         kwargs = dict(
             layers=options.layers,
-            resolution=resolution or RESOLUTIONS[0],
+            resolution=resolution if resolution is not None else RESOLUTIONS[0],
             num_inference_steps=options.num_inference_steps,
             cfg_normalize=options.cfg_normalize,
             use_en_prompt=options.use_en_prompt,
@@ -259,21 +314,13 @@ class LayeredAPI:
             name = str(e).split(" ", 1)[0]
             raise APIError(400, str(e), code="invalid_value", param=name if name in kwargs else None) from None
 
-    def _decode(self, data: bytes, resolution: int) -> Image.Image:
-        image = load_request_image(data, self.limits.max_pixels)
-        try:
-            bucket_size(image.width, image.height, resolution)
-        except InvalidImageError as e:
-            raise APIError(400, str(e), code=e.code, param="image") from None
-        return image
-
     def _submit(
         self,
         tenant: Tenant,
         request_id: str,
         options: LayeredOptions,
         params: GenerationParams,
-        image: Image.Image,
+        image: BucketImage,
         prompt: str | None,
     ) -> DecompositionJob:
         seeds = decomposition_seeds(options.seed, options.n)
@@ -297,9 +344,20 @@ class LayeredAPI:
         except DuplicateRequestError as e:
             raise APIError(409, str(e), code="duplicate_request_id") from None
         except EngineOverloadedError as e:
-            raise _overloaded(e) from None
+            raise _overloaded(str(e)) from None
         except ValueError as e:
             raise APIError(400, str(e), code="invalid_value") from None
+
+    def retire(self, job: DecompositionJob) -> None:
+        """Forget an aborted job once the engine has let go of all its requests. Until then its id stays
+        taken (a request reusing it gets the 409), as the engine still holds requests under that id."""
+        task = asyncio.get_running_loop().create_task(self._forget_when_ended(job))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _forget_when_ended(self, job: DecompositionJob) -> None:
+        await asyncio.gather(*(handle.result() for handle in job.handles), return_exceptions=True)
+        self.jobs.finish(job)
 
     # -- other routes ---------------------------------------------------------------------------
 
@@ -320,12 +378,18 @@ class LayeredAPI:
         return ModelList(data=cards)
 
 
-def load_request_image(data: Any, max_pixels: int) -> Image.Image:
+def load_request_image(data: Any, max_pixels: int, *, check_size: SizeCheck | None = None) -> Image.Image:
     """The request's input image (``load_image`` within the pixel limit), or the APIError it deserves."""
     try:
-        return load_image(data, max_pixels=max_pixels)
+        return load_image(data, max_pixels=max_pixels, check_size=check_size)
     except InvalidImageError as e:
-        raise APIError(413 if e.code == "too_many_pixels" else 400, str(e), code=e.code, param="image") from None
+        raise APIError(ERROR_CODES.get(e.code, 400), str(e), code=e.code, param="image") from None
+
+
+def decode_upload(data: bytes, max_pixels: int, resolution: int, *, check_size: SizeCheck | None = None) -> BucketImage:
+    """An upload decoded, turned upright, made RGBA and resized to its bucket: the full-size decode is
+    dropped on return, so a request holds bucket-size pixels however large the upload was."""
+    return resize_to_bucket(load_request_image(data, max_pixels, check_size=check_size), resolution)
 
 
 class _Reply:
@@ -414,6 +478,8 @@ def _validate(model: type[LayeredOptions], data: dict[str, Any]) -> Any:
 def _rejection_reason(error: APIError) -> str:
     if error.status_code == 429:
         return error.code or "rate_limited"
+    if error.code == "work_limit_exceeded":
+        return "work_limit"
     return _REJECTION_REASONS.get(error.status_code, "invalid_request")
 
 
@@ -422,15 +488,16 @@ def _admission_error(e: AdmissionError) -> APIError:
     return APIError(429, str(e), code=e.reason, headers={"Retry-After": retry})
 
 
-def _overloaded(e: Exception) -> APIError:
-    message = f"the server is busy, retry later ({e})"
-    return APIError(503, message, code="engine_overloaded", headers={"Retry-After": str(OVERLOAD_RETRY_AFTER_S)})
+def _overloaded(reason: str, *, close: bool = False) -> APIError:
+    """503 engine_overloaded; ``close`` when the request body was not read (the connection cannot be reused)."""
+    headers = {"Retry-After": str(OVERLOAD_RETRY_AFTER_S), **(CLOSE if close else {})}
+    return APIError(503, f"the server is busy, retry later ({reason})", code="engine_overloaded", headers=headers)
 
 
 def _engine_error(e: BaseException, job: DecompositionJob) -> APIError:
     """How a job that was accepted ended, as an HTTP error."""
     if isinstance(e, EngineOverloadedError):
-        return _overloaded(e)
+        return _overloaded(str(e))
     if isinstance(e, RequestCancelledError):
         if job.cancelled_by_client:
             return APIError(409, f"request {job.request_id!r} was cancelled", code="request_cancelled")
@@ -562,6 +629,8 @@ def run_server(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         max_n=args.max_n,
         request_timeout_s=args.request_timeout,
+        body_timeout_s=args.body_timeout,
+        max_request_work=args.max_request_work,
     )
     dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     root = model_path(args)

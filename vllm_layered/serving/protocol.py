@@ -1,9 +1,9 @@
 """Wire formats of the HTTP API: request fields, response bodies and the OpenAI-style error body.
 
-Requests are validated here as far as their own fields go (types, ranges, choices); model-level
-checks (layers, resolution, steps) stay in GenerationParams, which the server builds from these.
-Multipart and JSON bodies share one field set (``LayeredOptions``). A form field sent empty counts
-as absent: the openai SDK sends ``None`` as an empty string.
+Requests are validated here as far as their own fields go (types, ranges, choices, finite numbers,
+text the tokenizer can take); model-level checks (layers, resolution, steps) stay in GenerationParams,
+which the server builds from these. Multipart and JSON bodies share one field set (``LayeredOptions``).
+A form field sent empty counts as absent: the openai SDK sends ``None`` as an empty string.
 """
 
 from __future__ import annotations
@@ -14,17 +14,61 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from vllm_layered.model_executor.text import check_text
+
 LAYER_ORDER = "bottom_to_top"
 PACKAGE_FORMATS = ("zip", "psd", "pptx")
 OUTPUT_FORMATS = ("png", "webp")
 MAX_SEED = 2**63 - 1
+# The official app guides with 4; the bound keeps neg + s * (cond - neg) far from float overflow (NaN layers).
+MAX_CFG_SCALE = 100.0
+# The text encoder reads at most 1024 tokens of a prompt (512 by default), a few thousand characters:
+# longer text cannot change the layers, it only costs tokenizer time and memory.
+MAX_PROMPT_CHARS = 16384
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+_INT_FIELDS = ("n", "layers", "resolution", "num_inference_steps", "seed")
+
+# Every error ``code`` the server sends, with its HTTP status. docs/serving.md lists the same table
+# (tests/serving/test_error_codes.py compares them, and this table with the codes in the source).
+ERROR_CODES: dict[str, int] = {
+    "invalid_value": 400,
+    "bad_body": 400,
+    "bad_multipart": 400,
+    "bad_request_id": 400,
+    "missing_image": 400,
+    "too_many_images": 400,
+    "empty_image": 400,
+    "not_an_image": 400,
+    "corrupt_image": 400,
+    "unsupported_mode": 400,
+    "bad_aspect_ratio": 400,
+    "unsupported_package": 400,
+    "work_limit_exceeded": 400,
+    "invalid_api_key": 401,
+    "model_not_found": 404,
+    "request_not_found": 404,
+    "http_404": 404,
+    "http_405": 405,
+    "body_timeout": 408,
+    "duplicate_request_id": 409,
+    "request_cancelled": 409,
+    "upload_too_large": 413,
+    "too_many_pixels": 413,
+    "rate_limited": 429,
+    "concurrency_limited": 429,
+    "engine_error": 500,
+    "engine_overloaded": 503,
+    "server_cancelled": 503,
+    "engine_unhealthy": 503,
+    "deadline_exceeded": 504,
+}
 
 # The error ``type`` of each status; ``code`` says what exactly went wrong.
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    408: "timeout_error",
     409: "conflict_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
@@ -89,7 +133,7 @@ class LayeredOptions(BaseModel):
     Unknown fields are ignored, as OpenAI-compatible servers do.
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = Field(None, description="Served model name (GET /v1/models); default: the one served.")
     n: int = Field(1, ge=1, description="Number of decompositions; decomposition i uses seed + i.")
@@ -104,9 +148,15 @@ class LayeredOptions(BaseModel):
     layers: int = Field(4, description="RGBA layers per decomposition (1-20).")
     resolution: int | None = Field(None, description="Resolution bucket: 640 or 1024 (default 640).")
     num_inference_steps: int = Field(50, description="Denoising steps.")
-    true_cfg_scale: float | None = Field(None, description="Classifier-free guidance scale; <= 1 turns CFG off.")
-    guidance_scale: float | None = Field(None, description="Alias of true_cfg_scale (vLLM-Omni's name).")
-    negative_prompt: str | None = Field(None, description="Negative prompt (default ' ', which enables CFG).")
+    true_cfg_scale: float | None = Field(
+        None, ge=0, le=MAX_CFG_SCALE, description="Classifier-free guidance scale; <= 1 turns CFG off."
+    )
+    guidance_scale: float | None = Field(
+        None, ge=0, le=MAX_CFG_SCALE, description="Alias of true_cfg_scale (vLLM-Omni's name)."
+    )
+    negative_prompt: str | None = Field(
+        None, max_length=MAX_PROMPT_CHARS, description="Negative prompt (default ' ', which enables CFG)."
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first decomposition (default: random).")
     cfg_normalize: bool = True
     use_en_prompt: bool = Field(True, description="Auto-caption in English (false: Chinese) when prompt is empty.")
@@ -124,6 +174,18 @@ class LayeredOptions(BaseModel):
         if isinstance(values, dict):
             return {k: v for k, v in values.items() if v != ""}
         return values
+
+    @field_validator(*_INT_FIELDS, mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool):  # JSON true would pass as 1
+            raise ValueError(f"{info.field_name} must be an integer, got {str(value).lower()}")
+        return value
+
+    @field_validator("prompt", "negative_prompt", mode="before", check_fields=False)
+    @classmethod
+    def _tokenizable(cls, value: Any, info: ValidationInfo) -> Any:
+        return check_text(value, info.field_name) if isinstance(value, str) else value
 
     @field_validator("response_format", mode="before")
     @classmethod
@@ -149,9 +211,14 @@ class LayeredOptions(BaseModel):
     @field_validator("size")
     @classmethod
     def _size_shape(cls, value: str | None) -> str | None:
-        if value is None or value == "auto" or _SIZE.match(value):
+        if value is None or value == "auto":
             return value
-        raise ValueError(f"size must be 'auto' or WIDTHxHEIGHT (e.g. 1024x1024), got {value!r}")
+        match = _SIZE.match(value)
+        if not match:
+            raise ValueError(f"size must be 'auto' or WIDTHxHEIGHT (e.g. 1024x1024), got {value!r}")
+        if int(match[1]) < 1 or int(match[2]) < 1:
+            raise ValueError(f"size must have a positive width and height, got {value!r}")
+        return value
 
     @field_validator("guidance_scale")
     @classmethod
@@ -174,13 +241,15 @@ class LayeredOptions(BaseModel):
 class ImageEditForm(LayeredOptions):
     """POST /v1/images/edits, multipart/form-data. The file goes in ``image`` (or ``image[]``)."""
 
-    prompt: str = Field("", description="Caption of the image; empty: the server captions it.")
+    prompt: str = Field(
+        "", max_length=MAX_PROMPT_CHARS, description="Caption of the image; empty: the server captions it."
+    )
 
 
 class ImageGenerationRequest(LayeredOptions):
     """POST /v1/images/generations, JSON. EXPERIMENTAL: text -> layers over a transparent canvas."""
 
-    prompt: str = Field(..., description="What to generate (required).")
+    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS, description="What to generate (required).")
 
     @field_validator("prompt")
     @classmethod
@@ -263,5 +332,5 @@ def decomposition_seeds(seed: int | None, n: int) -> list[int]:
     """Seeds of a request's ``n`` decompositions: seed, seed + 1, ... (a random first seed when none is given)."""
     base = seed if seed is not None else secrets.randbelow(2**31)
     if base + n - 1 > MAX_SEED:
-        raise APIError(400, f"seed + n - 1 must be at most {MAX_SEED}", param="seed")
+        raise APIError(400, f"seed + n - 1 must be at most {MAX_SEED}", code="invalid_value", param="seed")
     return [base + i for i in range(n)]

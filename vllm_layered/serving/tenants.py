@@ -6,15 +6,18 @@ The keys file is JSON (no YAML dependency); keys are stored only as SHA-256 hex 
     {"tenants": [
         {"name": "acme", "api_key_sha256": ["<64 hex digits>"],
          "max_concurrency": 4, "requests_per_minute": 120, "burst": 20,
-         "weight": 2.0, "priority": 0}
+         "max_request_work": 10000000, "weight": 2.0, "priority": 0}
     ]}
 
 - max_concurrency: image requests of the tenant in flight at once (an n > 1 request counts once).
 - requests_per_minute: a token bucket refilled at rpm / 60 per second, holding ``burst`` tokens
   (default: one minute's worth); each image request takes one.
+- max_request_work: the most work one request of the tenant may ask for, in image token-forwards
+  (serving/limits.py: request_work); replaces the server's ``--max-request-work`` for this tenant.
 - weight: the tenant's share in the engine's fair scheduling; priority: higher runs first.
 
-Without a keys file the server is open: every caller is tenant "default", without limits.
+Without a keys file the server is open: every caller is tenant "default", without per-tenant limits
+(the server-wide ones, such as ``--max-request-work``, still apply).
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ from pathlib import Path
 
 DEFAULT_TENANT = "default"
 _HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
-_TENANT_FIELDS = {"name", "api_key_sha256", "max_concurrency", "requests_per_minute", "burst", "weight", "priority"}
+_TENANT_FIELDS = {
+    "name", "api_key_sha256", "max_concurrency", "requests_per_minute", "burst", "max_request_work", "weight",
+    "priority",
+}
 
 
 class AuthenticationError(Exception):
@@ -58,6 +64,7 @@ class Tenant:
     max_concurrency: int | None = None
     requests_per_minute: float | None = None
     burst: int | None = None
+    max_request_work: int | None = None
     weight: float = 1.0
     priority: int = 0
 
@@ -70,6 +77,9 @@ class Tenant:
             raise ValueError(f"tenant {self.name}: requests_per_minute must be > 0, got {self.requests_per_minute}")
         if self.burst is not None and self.burst < 1:
             raise ValueError(f"tenant {self.name}: burst must be >= 1, got {self.burst}")
+        work = self.max_request_work
+        if work is not None and (isinstance(work, bool) or not isinstance(work, int) or work < 1):
+            raise ValueError(f"tenant {self.name}: max_request_work must be an integer >= 1, got {work!r}")
         if not self.weight > 0:
             raise ValueError(f"tenant {self.name}: weight must be > 0, got {self.weight}")
 

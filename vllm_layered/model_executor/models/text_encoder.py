@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from vllm_layered.model_executor.dummy_model import check_load_format, dummy_text_encoder
+from vllm_layered.model_executor.text import check_text
 
 PROMPT_TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
@@ -119,6 +120,8 @@ class PromptEncoder:
         """
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a list of strings")
+        for i, prompt in enumerate(prompts):
+            check_text(prompt, f"prompt {i}")
         if (
             isinstance(max_sequence_length, bool)
             or not isinstance(max_sequence_length, int)

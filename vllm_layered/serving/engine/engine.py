@@ -161,6 +161,11 @@ class AsyncLayeredEngine:
         model_ok = getattr(self.pipeline.transformer, "healthy", True)
         return alive and model_ok and time.monotonic() - self._heartbeat < self.config.stuck_after_s
 
+    def has_queue_room(self, tenant: str) -> bool:
+        """Whether a request of ``tenant`` would find room in the waiting queue now (the same for every tenant
+        today). A hint for the server, which asks before it reads a request body; ``submit`` still decides."""
+        return self._accepting and len(self._waiting) < self.config.max_waiting
+
     def submit(self, request: LayeredRequest) -> RequestHandle:
         """Queue a request. Raises EngineOverloadedError when full or shutting down, ValueError for bad input."""
         if not self._accepting:
