@@ -1,6 +1,9 @@
 """CFG-parallel and Ulysses sequence-parallel forwards (gloo, one process per rank) equal the one-process one."""
 
 import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +18,7 @@ from vllm_layered.model_executor.parallel.ulysses import UlyssesExchange
 from vllm_layered.model_executor.pipeline import GenerationParams, LayeredPipeline
 from vllm_layered.model_executor.sampler import model_timestep
 from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig
-from vllm_layered.serving.engine.request import LayeredRequest
+from vllm_layered.serving.engine.request import EngineError, LayeredRequest, RequestCancelledError
 
 LAYOUTS = [  # three requests' worth of sequences: different text lengths, layer counts and sizes
     SequenceLayout(text_len=7, layers=2, height=3, width=5),
@@ -168,6 +171,112 @@ def test_a_dead_rank_fails_fast_and_makes_the_engine_unhealthy(tiny_checkpoint, 
             parallel(batch)
     finally:
         parallel.close()  # must not wait for the dead rank
+
+
+def test_idle_workers_outlive_the_collective_timeout(tiny_checkpoint, reference):
+    """Workers wait for work on a pipe, not in a collective: idle longer than the timeout, they still serve."""
+    model, batch, expected = reference
+    factory = CheckpointTransformer(tiny_checkpoint / "transformer", torch.float32)
+    config = ParallelConfig(sp_degree=2, collective_timeout_s=3)
+    parallel = ParallelTransformer.launch(model, factory, config, torch.device("cpu"))
+    try:
+        time.sleep(4)
+        with torch.no_grad():
+            got = parallel(batch)
+    finally:
+        parallel.close()
+    assert rel_err(got, expected) < 1e-5
+
+
+def test_a_forward_failing_on_rank_0_fails_the_group(tiny_checkpoint, reference, monkeypatch):
+    """Rank 0 raises mid-forward while the worker computes its share: the ranks are out of step, so every later
+    forward fails at once (not in a mismatched collective) and close() ends the worker left in a collective."""
+    model, batch, _ = reference
+    factory = CheckpointTransformer(tiny_checkpoint / "transformer", torch.float32)
+    parallel = ParallelTransformer.launch(model, factory, ParallelConfig(sp_degree=2), torch.device("cpu"))
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("rank 0 OOM")
+
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(model, "run", out_of_memory)
+            with pytest.raises(MemoryError):
+                parallel(batch)
+        assert parallel.failure == "a parallel forward failed on rank 0 (MemoryError: rank 0 OOM)"
+        began = time.monotonic()
+        with pytest.raises(RuntimeError, match="failed on rank 0"):
+            parallel(batch)
+        assert time.monotonic() - began < 1
+    finally:
+        began = time.monotonic()
+        parallel.close()
+    assert time.monotonic() - began < 30 and not any(w.is_alive() for w in parallel._workers)
+
+
+@dataclass(frozen=True)
+class HangingTransformer:
+    """A worker's transformer whose forward never returns: it touches ``marker`` and sleeps (until killed)."""
+
+    inner: CheckpointTransformer
+    marker: Path
+
+    def __call__(self, device: torch.device) -> LayeredTransformer:
+        model = self.inner(device)
+
+        def run(*args, **kwargs):
+            self.marker.touch()
+            time.sleep(3600)
+
+        model.run = run
+        return model
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]),
+])
+def test_a_worker_killed_mid_forward_fails_every_request_fast(tiny_checkpoint, tmp_path, device):
+    """Rank 0 waits in a collective for a worker that is inside its forward; the worker is killed. The requests
+    in the engine (the one in the forward and the one queued) end with an EngineError within seconds, the engine
+    reports unhealthy, and nothing is left waiting (shutdown and close return)."""
+    single = LayeredPipeline.from_pretrained(tiny_checkpoint, dtype=torch.float32, device=device)
+    marker = tmp_path / "worker-in-forward"
+    factory = HangingTransformer(CheckpointTransformer(tiny_checkpoint / "transformer", torch.float32), marker)
+    parallel = ParallelTransformer.launch(single.transformer, factory, ParallelConfig(sp_degree=2), single.device)
+    pipeline = LayeredPipeline(transformer=parallel, vae=single.vae, prompt_encoder=single.prompt_encoder,
+                               scheduler_config=single.scheduler_config, device=single.device, dtype=single.dtype)
+
+    async def scenario():
+        engine = AsyncLayeredEngine(pipeline, EngineConfig(max_running=1))
+        await engine.start()
+        handles = [engine.submit(LayeredRequest(f"r{i}", random_image(64, 64, i), GenerationParams(
+            layers=1, num_inference_steps=2, true_cfg_scale=1.0), prompt="a cat", seed=i)) for i in range(2)]
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert time.monotonic() < deadline, "the worker never entered its forward"
+            await asyncio.sleep(0.05)
+        parallel._workers[0].kill()
+        killed = time.monotonic()
+        errors = []
+        for handle in handles:
+            with pytest.raises(EngineError) as failed:
+                await handle.result()
+            errors.append(failed.value)
+        failed_after = time.monotonic() - killed
+        healthy = engine.is_healthy()
+        await engine.shutdown(1)
+        return errors, failed_after, healthy
+
+    try:
+        errors, failed_after, healthy = asyncio.run(asyncio.wait_for(scenario(), 300))
+    finally:
+        began = time.monotonic()
+        parallel.close()
+        close_s = time.monotonic() - began
+    assert failed_after < 10 and not healthy and close_s < 30
+    assert not any(isinstance(e, RequestCancelledError) for e in errors)
+    assert "lost layered-rank1" in str(errors[-1])  # the queued request learns why
 
 
 @pytest.mark.gpu

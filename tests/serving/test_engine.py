@@ -6,15 +6,13 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from vllm_layered.model_executor.pipeline import GenerationParams, LayeredPipeline
-from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig, request_tokens
-from vllm_layered.serving.engine.observer import EngineObserver
+from tests.serving.engine_helpers import Recorder, image, request, run, started_engine, wait_for
+from vllm_layered.model_executor.pipeline import LayeredPipeline
+from vllm_layered.serving.engine.engine import EngineConfig, request_tokens
 from vllm_layered.serving.engine.request import (
     DeadlineExceededError,
     EngineOverloadedError,
-    LayeredRequest,
     RequestCancelledError,
 )
 
@@ -22,56 +20,6 @@ from vllm_layered.serving.engine.request import (
 @pytest.fixture(scope="module")
 def pipeline(tiny_checkpoint):
     return LayeredPipeline.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32)
-
-
-def image(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 4), dtype=np.uint8), "RGBA")
-
-
-def request(rid: str, *, layers=1, steps=2, cfg=False, size=(64, 64), seed=0, **kwargs) -> LayeredRequest:
-    return LayeredRequest(
-        request_id=rid,
-        image=image(*size, seed=seed),
-        params=GenerationParams(layers=layers, num_inference_steps=steps, true_cfg_scale=4.0 if cfg else 1.0),
-        prompt="a cat",
-        negative_prompt=" " if cfg else None,
-        seed=seed,
-        **kwargs,
-    )
-
-
-class Recorder(EngineObserver):
-    def __init__(self) -> None:
-        self.started: list[str] = []
-        self.steps: list[int] = []
-        self.finished: list[str] = []
-
-    def on_request_started(self, tenant, queue_time_s):
-        self.started.append(tenant)
-
-    def on_step(self, step_time_s, num_requests, num_tokens):
-        self.steps.append(num_requests)
-
-    def on_request_finished(self, tenant, outcome, e2e_time_s, layers, num_steps):
-        self.finished.append(outcome)
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, timeout=300))
-
-
-async def started_engine(pipeline, observer=None, **config) -> AsyncLayeredEngine:
-    engine = AsyncLayeredEngine(pipeline, EngineConfig(**config), observer=observer)
-    await engine.start()
-    return engine
-
-
-async def wait_for(handle, kind: str):
-    async for event in handle.stream():
-        if event.kind == kind:
-            return event
-    raise AssertionError(f"no {kind!r} event")
 
 
 @torch.no_grad()

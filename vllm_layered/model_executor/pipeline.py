@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,6 +49,10 @@ from vllm_layered.model_executor.sampler import SchedulerConfig, layered_mu, sig
 
 MAX_LAYERS = 20
 MAX_STEPS = 1000
+# Layers VAE-decoded at once. A 1024 layer's decoder activations take GBs (and its float pixels 64 MB on the host
+# as they become PIL images), so 20 layers at once would not fit a fixed budget; 2 keeps the decoder's batch
+# large enough to use the GPU.
+DECODE_CHUNK = 2
 PIPELINE_CLASS = "QwenImageLayeredPipeline"
 
 StepCallback = Callable[[int, int], None]
@@ -264,11 +268,20 @@ class LayeredPipeline:
 
     # -- decode -------------------------------------------------------------------------------------
 
-    def decode(self, state: DenoiseState) -> list[Image.Image]:
+    def decode(self, state: DenoiseState, chunk: int = DECODE_CHUNK) -> list[Image.Image]:
         """VAE-decode the layer frames of a finished request (the composite frame 0 is dropped)."""
+        return [layer for layers in self.decode_chunks(state, chunk) for layer in layers]
+
+    def decode_chunks(self, state: DenoiseState, chunk: int = DECODE_CHUNK) -> Iterator[list[Image.Image]]:
+        """The layers of ``decode``, ``chunk`` at a time, each chunk's activations and pixels dropped before the
+        next is decoded: device and host memory stay bounded by ``chunk`` layers at any layer count. Lazy, so a
+        caller that stops iterating (a cancelled request) decodes no further chunk."""
+        if not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"decode chunk must be a positive integer, got {chunk!r}")
         z = unpack_latents(state.latents, state.layers + 1, state.height, state.width)[1:]
-        z = self.vae.denormalize_latents(z.to(self.dtype))
-        return tensor_to_images(self.vae.decode(z))
+        for start in range(0, state.layers, chunk):
+            part = self.vae.denormalize_latents(z[start : start + chunk].to(self.dtype))
+            yield tensor_to_images(self.vae.decode(part))
 
     # -- the offline call ---------------------------------------------------------------------------
 

@@ -366,8 +366,8 @@ class LayeredAPI:
         job = self.jobs.get(tenant.name, request_id)
         if job is None:  # another tenant's id looks exactly like an unknown one
             raise APIError(404, f"no request {request_id!r} in flight", code="request_not_found")
-        job.cancel_by_client()
-        return CancelResponse(id=request_id, cancelled=True)
+        # cancelled=false: it could not be cancelled any more (it ended; its result may be on its way)
+        return CancelResponse(id=request_id, cancelled=job.cancel_by_client())
 
     def models(self, request: Request) -> ModelList:
         self.authenticate(request)

@@ -79,9 +79,14 @@ class DecompositionJob:
         for handle in self.handles:
             handle.cancel()
 
-    def cancel_by_client(self) -> None:
-        self.cancelled_by_client = True
-        self.abort()
+    def cancel_by_client(self) -> bool:
+        """Cancel the job for its client. True: at least one decomposition was still running and will end
+        cancelled, so the job ends with RequestCancelledError. False: every decomposition had already ended, and
+        the job's outcome (its result being delivered, or its error) stands."""
+        cancelled = [handle.cancel() for handle in self.handles]
+        if any(cancelled):
+            self.cancelled_by_client = True
+        return any(cancelled)
 
 
 class DuplicateRequestError(Exception):

@@ -4,7 +4,7 @@ Two levels, counted separately:
 
 - Engine level, one count per decomposition (an n=3 API request is 3), from the EngineObserver hooks:
   ``request_success_total{tenant}``, ``request_failure_total{tenant,reason}`` (reason: cancelled,
-  deadline, error, and overloaded / shutting_down for requests the engine refused), latency, queue
+  deadline, error, and overloaded / shutting_down / unhealthy for requests the engine refused), latency, queue
   time, step time, layers per request, denoised tokens, running / waiting gauges, and
   ``engine_healthy`` (1/0, read at scrape time from the engine's heartbeat, as /health) and
   ``max_requests_waiting`` (the queue bound, so dashboards and alerts can show how full the queue is).
@@ -65,7 +65,9 @@ class ServingMetrics(EngineObserver):
             PREFIX + "layers_per_request", "Layers of each successful decomposition.",
             ["tenant"], buckets=_LAYER_BUCKETS, registry=r,
         )
-        self.running = Gauge(PREFIX + "num_requests_running", "Decompositions being processed.", registry=r)
+        self.running = Gauge(
+            PREFIX + "num_requests_running", "Decompositions preprocessing, denoising or decoding.", registry=r
+        )
         self.waiting = Gauge(PREFIX + "num_requests_waiting", "Decompositions in the waiting queue.", registry=r)
         self.success = Counter(
             PREFIX + "request_success_total", "Decompositions finished successfully.", ["tenant"], registry=r
@@ -97,7 +99,7 @@ class ServingMetrics(EngineObserver):
         )
         self.healthy = Gauge(
             PREFIX + "engine_healthy",
-            "1 while the engine loop is alive and stepping, 0 when it died or is stuck (what GET /health says).",
+            "1 while the engine is alive and stepping, 0 when it failed, died or is stuck (what GET /health says).",
             registry=r,
         )
         r.register(_GpuMemoryCollector())

@@ -1,16 +1,25 @@
 """Rank 0 drives, the other ranks follow: each forward is broadcast, computed in parts and gathered on rank 0.
 
-Every rank derives the same plan from the broadcast layouts (which sequences its CFG group takes, which
+Every rank derives the same plan from the layouts rank 0 sends (which sequences its CFG group takes, which
 rows of the group's joint buffer it computes), so only the inputs travel to the ranks and only the
 velocities of the noisy tokens travel back.
+
+Streams: rank 0 calls the collectives from the engine's step thread; each orders itself after the work queued
+on that thread's current stream and makes the stream wait for it to finish (NCCL; gloo is synchronous), so a
+forward's inputs, collectives and outputs stay in the step stream's order. Workers use one thread and stream.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import logging
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import connection as mp_connection
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
@@ -27,7 +36,12 @@ from vllm_layered.model_executor.parallel.config import (
 )
 from vllm_layered.model_executor.parallel.ulysses import UlyssesExchange
 
+logger = logging.getLogger(__name__)
+
 TransformerFactory = Callable[[torch.device], LayeredTransformer]
+JOINING = "joining"  # a worker's messages: about to join the process group,
+READY = "ready"  # and its transformer is built
+ABORT_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -118,24 +132,20 @@ def _gather(
     return torch.cat(pieces)
 
 
-def _send_batch(batch: ForwardBatch | None, device: torch.device) -> None:
-    """Rank 0: the layouts and tensor shapes first (None: stop), then the tensors."""
-    if batch is None:
-        dist.broadcast_object_list([None], src=0, device=device)
-        return
-    tensors = (batch.image_tokens, batch.text_embeds, batch.timesteps, batch.t_cond)
-    header = (batch.layouts, [(t.shape, t.dtype) for t in tensors])
-    dist.broadcast_object_list([header], src=0, device=device)
-    for tensor in tensors:
-        dist.broadcast(tensor.contiguous(), src=0)
+Header = tuple[list[SequenceLayout], list[tuple[torch.Size, torch.dtype]]]
 
 
-def _receive_batch(device: torch.device) -> ForwardBatch | None:
-    holder = [None]
-    dist.broadcast_object_list(holder, src=0, device=device)
-    if holder[0] is None:
+def _receive_batch(conn: Connection, device: torch.device) -> ForwardBatch | None:
+    """A worker's next forward: the header from rank 0's pipe (None: stop, or rank 0 is gone), then the tensors.
+
+    Waiting for work on a pipe rather than in a collective keeps an idle worker out of the collective timeout."""
+    try:
+        header: Header | None = conn.recv()
+    except EOFError:
         return None
-    layouts, specs = holder[0]
+    if header is None:
+        return None
+    layouts, specs = header
     tensors = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in specs]
     for tensor in tensors:
         dist.broadcast(tensor, src=0)
@@ -143,21 +153,18 @@ def _receive_batch(device: torch.device) -> ForwardBatch | None:
     return ForwardBatch(image_tokens, text_embeds, timesteps, layouts, t_cond)
 
 
-def _barrier(device: torch.device) -> None:
-    dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
-
-
 def _worker_main(
     config: ParallelConfig, rank: int, first: torch.device, init_method: str, factory: TransformerFactory,
-    threads: int,
+    threads: int, conn: Connection,
 ) -> None:
     torch.set_num_threads(threads)
     device = rank_device(first, rank)
+    conn.send(JOINING)
     ctx = init_parallel(config, rank, device, init_method)
     model = factory(device)
-    _barrier(device)
+    conn.send(READY)
     with torch.no_grad():
-        while (batch := _receive_batch(device)) is not None:
+        while (batch := _receive_batch(conn, device)) is not None:
             parallel_step(model, batch, ctx)
     dist.destroy_process_group()
 
@@ -171,19 +178,30 @@ def _free_port() -> int:
 class ParallelTransformer:
     """Rank 0's handle on a transformer spread over ``config.world_size`` processes; called like one.
 
-    ``launch`` starts ranks 1.. as processes of their own (one GPU each, from rank 0's GPU on), each
-    building its copy of the transformer with ``factory``. A worker found dead before a forward fails that
-    forward at once and makes ``healthy`` false (the engine's /health reports it); one that dies inside a
-    collective leaves rank 0 waiting until the collective's timeout, and the engine's heartbeat stops.
+    ``launch`` starts ranks 1.. as processes of their own (one GPU each, from rank 0's GPU on), each building its
+    copy of the transformer with ``factory``. Each forward's header (layouts, tensor shapes) goes to the workers
+    over a pipe, the tensors and outputs through the process group.
+
+    A failure fails the group: once a forward raised on rank 0 (the ranks are then out of step: some wait in a
+    collective the others left) or a worker exited, ``failure`` says why, every later forward fails at once,
+    and the engine's /health reports it so the process is restarted. A worker that dies while rank 0 waits in a
+    collective is noticed at once: gloo fails the collective when the peer's connection closes; for NCCL, which
+    would wait for the collective timeout (``ParallelConfig.collective_timeout_s``), a watchdog thread aborts
+    the process group.
     """
 
     def __init__(self, model: LayeredTransformer, ctx: ParallelContext, device: torch.device,
-                 workers: list[mp.Process]) -> None:
+                 workers: list[mp.Process], pipes: list[Connection]) -> None:
         self.model = model
         self.ctx = ctx
         self.device = device
         self._workers = workers
+        self._pipes = pipes
         self._open = True
+        self._failure: str | None = None
+        self._watchdog_stop, watchdog_stopped = mp.Pipe()
+        threading.Thread(target=self._watch, args=(watchdog_stopped,), name="layered-rank-watchdog",
+                         daemon=True).start()
         atexit.register(self.close)
 
     @classmethod
@@ -196,18 +214,26 @@ class ParallelTransformer:
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         spawn = mp.get_context("spawn")
         threads = max(1, torch.get_num_threads() // config.world_size)  # host threads: share, don't oversubscribe
-        workers = [
-            spawn.Process(
-                target=_worker_main, args=(config, rank, device, init_method, factory, threads),
+        pipes, workers = [], []
+        for rank in range(1, config.world_size):
+            ours, theirs = spawn.Pipe()
+            pipes.append(ours)
+            workers.append(spawn.Process(
+                target=_worker_main, args=(config, rank, device, init_method, factory, threads, theirs),
                 name=f"layered-rank{rank}", daemon=True,
-            )
-            for rank in range(1, config.world_size)
-        ]
+            ))
         for worker in workers:
             worker.start()
+        # Join when every worker is about to (process start-up takes seconds, more than a short collective
+        # timeout), then wait without a timeout while the workers load their transformers.
+        _wait_for(workers, pipes, JOINING)
         ctx = init_parallel(config, 0, device, init_method)
-        _barrier(device)
-        return cls(model, ctx, device, workers)
+        try:
+            _wait_for(workers, pipes, READY)
+        except BaseException:
+            _leave_group(failed=True)
+            raise
+        return cls(model, ctx, device, workers, pipes)
 
     @property
     def config(self) -> TransformerConfig:
@@ -218,31 +244,121 @@ class ParallelTransformer:
         return self.ctx.config
 
     def dead_workers(self) -> list[str]:
-        return [f"{w.name} (exit code {w.exitcode})" for w in self._workers if not w.is_alive()]
+        return [_describe(worker) for worker in self._workers if not worker.is_alive()]
+
+    @property
+    def failure(self) -> str | None:
+        """Why no forward can run anymore (None while every rank is alive and in step)."""
+        dead = self.dead_workers()
+        if dead:  # the root cause when a forward failed because of it
+            return f"the parallel transformer lost {', '.join(dead)}"
+        if self._failure is not None:
+            return self._failure
+        return None if self._open else "the parallel transformer is closed"
 
     @property
     def healthy(self) -> bool:
-        """False once a worker rank has exited: every later forward would fail (the engine's health says so)."""
-        return self._open and not self.dead_workers()
+        """False once a worker rank has exited or a forward failed: every later forward would fail."""
+        return self.failure is None
 
     def __call__(self, batch: ForwardBatch) -> torch.Tensor:
         """Velocity of every noisy token of ``batch``, as ``LayeredTransformer.forward`` returns it."""
-        dead = self.dead_workers()
-        if dead:  # fail now rather than wait in a collective for a rank that is gone
-            raise RuntimeError(f"the parallel transformer lost {', '.join(dead)}; the server must be restarted")
-        _send_batch(batch, self.device)
-        return parallel_step(self.model, batch, self.ctx)
+        failure = self.failure
+        if failure is not None:  # fail now rather than wait in a collective for a rank that is gone
+            raise RuntimeError(f"{failure}; the server must be restarted")
+        try:
+            tensors = (batch.image_tokens, batch.text_embeds, batch.timesteps, batch.t_cond)
+            header: Header = (batch.layouts, [(t.shape, t.dtype) for t in tensors])
+            for pipe in self._pipes:
+                pipe.send(header)
+            for tensor in tensors:
+                dist.broadcast(tensor.contiguous(), src=0)
+            return parallel_step(self.model, batch, self.ctx)
+        except BaseException as exc:
+            self._fail(f"a parallel forward failed on rank 0 ({type(exc).__name__}: {exc})")
+            raise
 
     def close(self) -> None:
         """Stop the worker ranks and leave the process group (also run at exit)."""
         if not self._open:
             return
         self._open = False
-        if self.dead_workers():  # the stop message would wait for the dead rank: end the others instead
+        with contextlib.suppress(OSError):  # the watchdog has already returned (it saw a worker die)
+            self._watchdog_stop.send(None)
+        failed = self._failure is not None or self.dead_workers()
+        if failed:  # a stop message would go unheard (a worker dead or inside a collective): end them instead
             for worker in self._workers:
                 worker.kill()
         else:
-            _send_batch(None, self.device)
+            for pipe in self._pipes:
+                with contextlib.suppress(OSError):  # a worker that died just now
+                    pipe.send(None)
         for worker in self._workers:
             worker.join(timeout=30)
+        _leave_group(failed)
+
+    def _fail(self, reason: str) -> None:
+        if self._failure is None:
+            self._failure = reason
+
+    def _watch(self, stopped: Connection) -> None:
+        """Watchdog thread: when a worker exits before ``close``, fail the group and unblock rank 0 if it waits
+        in a collective for the dead rank."""
+        ready = mp_connection.wait([stopped, *(worker.sentinel for worker in self._workers)])
+        if stopped in ready:
+            return
+        lost = [worker for worker in self._workers if worker.sentinel in ready]
+        for worker in lost:
+            worker.join(timeout=5)  # reap it, for its exit code
+        self._fail(f"the parallel transformer lost {', '.join(map(_describe, lost))}")
+        logger.error("%s: failing the process group", self._failure)
+        if dist.is_initialized() and dist.get_backend() == "nccl":  # gloo fails by itself on the closed connection
+            _abort_nccl()
+
+
+def _wait_for(workers: list[mp.Process], pipes: list[Connection], message: str) -> None:
+    """Wait, without a timeout, until every worker has sent ``message``; a worker that exits first fails the
+    launch (and the other workers are ended)."""
+    pending = dict(zip(pipes, workers))
+    while pending:
+        mp_connection.wait([*pending, *(worker.sentinel for worker in pending.values())])
+        for pipe in [pipe for pipe in pending if pipe.poll()]:
+            with contextlib.suppress(EOFError):  # EOF: the worker is gone, its sentinel says so next
+                if pipe.recv() == message:
+                    del pending[pipe]
+        lost = [_describe(worker) for worker in pending.values() if not worker.is_alive()]
+        if lost:
+            for worker in workers:
+                worker.kill()
+            raise RuntimeError(f"parallel worker {', '.join(lost)} exited while starting")
+
+
+def _describe(worker: mp.Process) -> str:
+    return f"{worker.name} (exit code {worker.exitcode})"
+
+
+def _leave_group(failed: bool) -> None:
+    """Leave the process group: destroy it, or after a failure under NCCL (where destroying waits for the dead
+    rank) abort it."""
+    if not dist.is_initialized():  # an abort already took it down
+        return
+    if failed and dist.get_backend() == "nccl":
+        _abort_nccl()
+    else:
         dist.destroy_process_group()
+
+
+def _abort_nccl() -> None:
+    """Abort the NCCL process groups, so that a collective waiting for a dead rank fails instead of waiting for
+    the collective timeout. ncclCommAbort can itself hang on some NCCL versions: it runs on a daemon thread,
+    waited for at most ABORT_WAIT_S."""
+
+    def abort() -> None:
+        try:
+            dist.distributed_c10d._abort_process_group()
+        except Exception:
+            logger.exception("aborting the NCCL process group failed")
+
+    thread = threading.Thread(target=abort, name="layered-nccl-abort", daemon=True)
+    thread.start()
+    thread.join(ABORT_WAIT_S)

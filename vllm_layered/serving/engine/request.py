@@ -1,7 +1,8 @@
 """A request's life in the engine: what the caller submits, what it gets back, and its state.
 
 WAITING -> PREPROCESSING -> DENOISING -> DECODING -> FINISHED, or CANCELLED / EXPIRED / FAILED from any
-state. Progress events and the final output reach the caller through its RequestHandle.
+state. PREPROCESSING, DENOISING and DECODING are "running" (they hold engine resources). Progress events and
+the final output reach the caller through its RequestHandle.
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ class RequestHandle:
         return await asyncio.shield(self._result)
 
     def cancel(self) -> bool:
+        """True: the request will end cancelled (result() raises RequestCancelledError); False: it had
+        already ended, and its outcome stands."""
         return self._abort(self.request_id)
 
     # engine side
@@ -147,3 +150,13 @@ class EngineRequest:
 
     def expired(self, now: float) -> bool:
         return self.request.deadline is not None and now > self.request.deadline
+
+    def stop_reason(self, now: float) -> tuple[RequestStatus, EngineError] | None:
+        """How the request must end now if it was cancelled or ran past its deadline (None: it goes on).
+        The engine asks at every boundary of its work: between preprocessing stages, denoising steps and
+        decoded chunks, and once more before it hands over a result."""
+        if self.cancel_requested:
+            return RequestStatus.CANCELLED, RequestCancelledError(f"request {self.request_id} was cancelled")
+        if self.expired(now):
+            return RequestStatus.EXPIRED, DeadlineExceededError(f"request {self.request_id} expired")
+        return None

@@ -1,0 +1,96 @@
+"""Helpers of the engine tests: requests on the tiny model, an observer that records, and a gate that holds a
+real call site of the engine until the test opens it (so that a cancel or a failure lands in a known stage)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+from vllm_layered.model_executor.pipeline import GenerationParams
+from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig
+from vllm_layered.serving.engine.observer import EngineObserver
+from vllm_layered.serving.engine.request import LayeredRequest, ProgressEvent, RequestHandle
+
+WAIT_S = 120  # longest any step of these tests waits for the engine (the machines are slow and shared)
+
+
+def image(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 4), dtype=np.uint8), "RGBA")
+
+
+def request(rid: str, *, layers=1, steps=2, cfg=False, size=(64, 64), seed=0, **kwargs) -> LayeredRequest:
+    return LayeredRequest(
+        request_id=rid,
+        image=image(*size, seed=seed),
+        params=GenerationParams(layers=layers, num_inference_steps=steps, true_cfg_scale=4.0 if cfg else 1.0),
+        prompt="a cat",
+        negative_prompt=" " if cfg else None,
+        seed=seed,
+        **kwargs,
+    )
+
+
+class Recorder(EngineObserver):
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.steps: list[int] = []
+        self.finished: list[str] = []
+
+    def on_request_started(self, tenant, queue_time_s):
+        self.started.append(tenant)
+
+    def on_step(self, step_time_s, num_requests, num_tokens):
+        self.steps.append(num_requests)
+
+    def on_request_finished(self, tenant, outcome, e2e_time_s, layers, num_steps):
+        self.finished.append(outcome)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=300))
+
+
+async def started_engine(pipeline, observer=None, **config) -> AsyncLayeredEngine:
+    engine = AsyncLayeredEngine(pipeline, EngineConfig(**config), observer=observer)
+    await engine.start()
+    return engine
+
+
+async def wait_for(handle: RequestHandle, kind: str) -> ProgressEvent:
+    async for event in handle.stream():
+        if event.kind == kind:
+            return event
+    raise AssertionError(f"no {kind!r} event")
+
+
+class Gate:
+    """Wraps a function so that the calls ``when`` picks block until ``open()``; counts every call."""
+
+    def __init__(self, when: Callable[[int], bool] = lambda call: True) -> None:
+        self.when = when
+        self.calls = 0
+        self.entered = threading.Event()
+        self._opened = threading.Event()
+
+    def wrap(self, fn: Callable) -> Callable:
+        def gated(*args, **kwargs):
+            self.calls += 1
+            if self.when(self.calls):
+                self.entered.set()
+                if not self._opened.wait(WAIT_S):
+                    raise TimeoutError("the test never opened the gate")
+            return fn(*args, **kwargs)
+
+        return gated
+
+    async def wait_entered(self) -> None:
+        if not await asyncio.to_thread(self.entered.wait, WAIT_S):
+            raise AssertionError("the engine never reached the gated call")
+
+    def open(self) -> None:
+        self._opened.set()
