@@ -16,10 +16,11 @@ from vllm_layered.serving.engine.observer import EngineObserver
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
 
-# Packed, a step's GEMMs have another M than alone, so cuBLAS may pick kernels that sum in another order; the
-# layers then differ by rounding carried through the steps. Measured on an H200 (benchmarks/RESULTS.md,
-# 2026-11-30), bounds ~2x the largest measured value of the three cases:
-PACKED_MEAN_BOUND = {"none": 1.0, "fp8": 1.0}
+# Packed, a step's GEMMs have another M than alone, so cuBLAS may pick kernels that sum in another order (and with
+# FP8 an activation a rounding apart may land on another e4m3 code); with random weights that rounding grows
+# through 60 blocks and the steps. Measured on an H200 (benchmarks/RESULTS.md, 2026-11-30), 640x2-cfg-3steps:
+# mean 1.00 (bf16) and 3.22 (FP8) /255, against 27.7 for the stream race; bounds at about 2x the largest mean.
+PACKED_MEAN_BOUND = {"none": 2.5, "fp8": 7.0}
 
 
 class MaxBatch(EngineObserver):
@@ -62,10 +63,11 @@ def test_each_request_served_alone_equals_the_offline_pipeline(pipeline, offline
     """Alone, the engine runs the very same kernels on the same shapes: any difference is a race."""
     quantization, pipe = pipeline
     _, expected = offline
+    diffs = {}
     for case in CASES:
         [layers] = serve(pipe, [case.request()])
-        diff = measured(f"{quantization} alone {case.name}", layer_diff(layers, expected[case.name]))
-        assert diff["max"] == 0, (case.name, diff)
+        diffs[case.name] = measured(f"{quantization} alone {case.name}", layer_diff(layers, expected[case.name]))
+    assert all(d["max"] == 0 for d in diffs.values()), diffs
 
 
 def test_concurrent_requests_packed_equal_the_offline_pipeline_within_the_bound(pipeline, offline):
@@ -74,6 +76,6 @@ def test_concurrent_requests_packed_equal_the_offline_pipeline_within_the_bound(
     observer = MaxBatch()
     served = serve(pipe, [case.request() for case in CASES], observer)
     assert observer.max_requests == len(CASES), "the three requests must share forwards for this test to mean much"
-    for case, layers in zip(CASES, served):
-        diff = measured(f"{quantization} packed {case.name}", layer_diff(layers, expected[case.name]))
-        assert diff["mean"] <= PACKED_MEAN_BOUND[quantization], (case.name, diff)
+    diffs = {case.name: measured(f"{quantization} packed {case.name}", layer_diff(layers, expected[case.name]))
+             for case, layers in zip(CASES, served)}
+    assert all(d["mean"] <= PACKED_MEAN_BOUND[quantization] for d in diffs.values()), diffs

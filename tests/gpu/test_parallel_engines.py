@@ -20,8 +20,9 @@ pytestmark = [
     needs_cuda,
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs"),
 ]
-# Measured on 2 x H200 (benchmarks/RESULTS.md, 2026-11-30); ~2x the largest measured mean of the three cases.
-PARALLEL_MEAN_BOUND = 1.0
+# The ranks' GEMMs and attention calls have other shapes than one GPU's, as packing does (test_engine_vs_pipeline.py:
+# 1.00 bf16 and 3.22 FP8 mean /255 on one H200); measured on 2 x H200 in benchmarks/RESULTS.md, 2026-11-30.
+PARALLEL_MEAN_BOUND = {"none": 2.5, "fp8": 7.0}
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,7 @@ def test_parallel_engine_serves_what_one_gpu_serves(variants, one_gpu, cfg_degre
         served = serve(pipe, [case.request() for case in CASES])
     finally:
         pipe.transformer.close()
-    for case, got, expected in zip(CASES, served, one_gpu[quantization]):
-        diff = measured(f"{quantization} cfg {cfg_degree} x sp {sp_degree} {case.name}", layer_diff(got, expected))
-        assert diff["mean"] <= PARALLEL_MEAN_BOUND, (case.name, diff)
+    diffs = {case.name: measured(f"{quantization} cfg {cfg_degree} x sp {sp_degree} {case.name}",
+                                 layer_diff(got, expected))
+             for case, got, expected in zip(CASES, served, one_gpu[quantization])}
+    assert all(d["mean"] <= PARALLEL_MEAN_BOUND[quantization] for d in diffs.values()), diffs
