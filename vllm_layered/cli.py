@@ -8,12 +8,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from vllm_layered.decompose import DEFAULT_STEPS, EMBEDDED_MODEL_STEPS, CommandError
-
-Command = Callable[[argparse.Namespace], int]
 
 
 def _decompose(args: argparse.Namespace) -> int:
