@@ -1,6 +1,7 @@
 """vllm-layered: split images into RGBA layers with Qwen-Image-Layered, serve it, talk to a server."""
 
-# Each subcommand lives in the module that implements it; this file only declares arguments and dispatches.
+# Each subcommand lives in the module that implements it; this file only declares arguments, checks what can
+# be checked before any work, and dispatches.
 
 from __future__ import annotations
 
@@ -11,51 +12,53 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-Command = Callable[[argparse.Namespace], int]
+from vllm_layered.decompose import DEFAULT_STEPS, EMBEDDED_MODEL_STEPS, CommandError
 
 
 def _decompose(args: argparse.Namespace) -> int:
+    from vllm_layered.clients.output import resolve_output
+    from vllm_layered.decompose import decompose
+
+    target = resolve_output(args.out, args.format, args.image)  # before loading anything
+    check_device_flags(args)
+    return decompose(args, target, parallel=parallel_config(args), quantization=quantization(args))
+
+
+def check_device_flags(args: argparse.Namespace) -> None:
+    """Refuse, before loading anything, a --device this machine lacks and GPU-only flags on the CPU."""
     import torch
-    from tqdm import tqdm
 
-    from vllm_layered.model_executor.export import save_layers
-    from vllm_layered.model_executor.image_processing import load_image
-    from vllm_layered.model_executor.pipeline import GenerationParams, LayeredPipeline
-
-    # check the input before loading a 54 GB model
-    image = load_image(args.image)
-    GenerationParams(layers=args.layers, resolution=args.resolution, num_inference_steps=args.steps)
-    if args.quiet:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-    dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    pipe = LayeredPipeline.from_pretrained(
-        model_path(args), device=args.device, dtype=dtype, parallel=parallel_config(args),
-        quantization=quantization(args), attention_dtype=args.attention_dtype, load_format=args.load_format,
-    )
-    with tqdm(total=args.steps, desc="denoising", unit="step", disable=args.quiet) as bar:
-        result = pipe(
-            image,
-            prompt=args.prompt,
-            negative_prompt=args.negative_prompt if args.true_cfg_scale > 1 else None,
-            true_cfg_scale=args.true_cfg_scale,
-            cfg_normalize=not args.no_cfg_normalize,
-            layers=args.layers,
-            resolution=args.resolution,
-            num_inference_steps=args.steps,
-            seed=args.seed,
-            use_en_prompt=not args.chinese_caption,
-            callback=lambda step, total: bar.update(1),
+    cuda = torch.cuda.is_available()
+    try:
+        device = torch.device(args.device) if args.device else torch.device("cuda" if cuda else "cpu")
+    except RuntimeError as exc:
+        raise ValueError(f"--device {args.device}: {exc}") from exc
+    if device.type == "cuda" and not cuda:
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        raise ValueError(
+            f"--device {args.device}: no CUDA GPU is visible (torch {torch.__version__}, {build}); "
+            "leave --device out to run on the CPU"
         )
-    written = save_layers(result.layers, args.out, args.format, composite=result.composite)
-    for path in written:
-        print(path)
-    return 0
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} GPU(s) visible, from cuda:0")
+    if device.type == "cpu":
+        gpu_only = [
+            flag
+            for flag, given in (
+                ("--quantization fp8", args.quantization == "fp8"),
+                ("--cfg-parallel", args.cfg_parallel),
+                (f"--sp-degree {args.sp_degree}", args.sp_degree > 1),
+            )
+            if given
+        ]
+        if gpu_only:
+            why = "--device cpu" if args.device else "no CUDA GPU is visible"
+            raise ValueError(f"{', '.join(gpu_only)}: GPU only, and this run is on the CPU ({why})")
 
 
-def model_path(args: argparse.Namespace):
-    """--model; without it the embedded tiny model, or under --load-format dummy the released model's configs."""
+def model_path(args: argparse.Namespace, on_write: Callable[[Path], None] | None = None):
+    """--model; without it the embedded tiny model (``on_write(path)`` before it is first generated), or under
+    --load-format dummy the released model's configs."""
     if args.model:
         return args.model
     if args.load_format == "dummy":
@@ -64,7 +67,7 @@ def model_path(args: argparse.Namespace):
         return full_size_model_folder()
     from vllm_layered.model_executor.tiny_checkpoint import default_model_path
 
-    return default_model_path()
+    return default_model_path(on_write=on_write)
 
 
 def parallel_config(args: argparse.Namespace):
@@ -80,7 +83,7 @@ def quantization(args: argparse.Namespace) -> str | None:
 
 def _add_quantization_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default="none", choices=("none", "fp8"),
-                   help="fp8: e4m3 weights and per-token activations for the transformer's big linears "
+                   help="GPU only. fp8: e4m3 weights and per-token activations for the transformer's big linears "
                         "(needs an FP8 GPU: compute capability 8.9+, e.g. H100/H200; use with bf16)")
     p.add_argument("--attention-dtype", default="bf16", choices=("bf16", "fp8"),
                    help="fp8: attention in e4m3 on cuDNN (with --quantization fp8 only; needs Hopper or newer and "
@@ -95,9 +98,10 @@ def _add_load_format_argument(p: argparse.ArgumentParser) -> None:
 
 def _add_parallel_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-parallel", action="store_true",
-                   help="split the CFG branches (and packed requests) over two groups of GPUs")
+                   help="GPU only: split the CFG branches (and packed requests) over two groups of GPUs")
     p.add_argument("--sp-degree", type=int, default=1,
-                   help="GPUs per group sharing each sequence (Ulysses sequence parallel; divides the 24 heads)")
+                   help="GPU only: GPUs per group sharing each sequence (Ulysses sequence parallel; divides the "
+                        "24 heads)")
 
 
 def _make_tiny_checkpoint(args: argparse.Namespace) -> int:
@@ -110,6 +114,7 @@ def _make_tiny_checkpoint(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from vllm_layered.serving.api_server import run_server
 
+    check_device_flags(args)
     return run_server(args)
 
 
@@ -138,27 +143,34 @@ def _bench_sweep(args: argparse.Namespace) -> int:
     return bench_sweep(args)
 
 
+_BENCH_DESCRIPTION = (
+    "The defaults (10 requests of 10 steps, 2-8 layers at 640, CFG) take minutes against a CPU server with the "
+    "embedded tiny model; for GPU numbers ask for more, e.g. --num-requests 100 --steps 50."
+)
+
+
 def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000")
-    p.add_argument("--backend", default="vllm-layered", choices=("vllm-layered", "vllm-omni"))
+    p.add_argument("--backend", default="vllm-layered", choices=("vllm-layered", "vllm-omni"),
+                   help="the server's kind (vllm-omni: no progress events, so no first-step times)")
     p.add_argument("--dataset", default="random", help="'random' (seeded shapes) or a folder of images")
     p.add_argument("--layers", default="2-8", help="layers per request: N, or LOW-HIGH drawn uniformly")
-    p.add_argument("--resolution", type=int, default=640)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--true-cfg-scale", type=float, default=4.0)
-    p.add_argument("--negative-prompt", default=" ")
+    p.add_argument("--resolution", type=int, default=640, choices=(640, 1024), help="resolution bucket")
+    p.add_argument("--steps", type=int, default=10, help="denoising steps per request (the model's own: 50)")
+    p.add_argument("--true-cfg-scale", type=float, default=4.0, help="guidance scale (1: CFG off)")
+    p.add_argument("--negative-prompt", default=" ", help="negative prompt of CFG (default: ' ')")
     p.add_argument("--prompt", help="caption sent with every image (default: a fixed one; empty: server captions)")
-    p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
-    p.add_argument("--num-requests", type=int, default=100)
+    p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: no cap)")
+    p.add_argument("--num-requests", type=int, default=10, help="counted requests")
     p.add_argument("--num-warmup", type=int, default=1, help="uncounted requests sent one at a time first")
     p.add_argument("--api-key", default=os.environ.get("VLLM_LAYERED_API_KEY"),
                    help="Bearer key (default: $VLLM_LAYERED_API_KEY)")
     p.add_argument("--model", default=None, help="served model name (default: the server's)")
     p.add_argument("--seed", type=int, default=0, help="seeds the dataset, the arrivals and the request seeds")
-    p.add_argument("--slo", type=float, default=None, help="latency SLO in seconds, for goodput")
+    p.add_argument("--slo", type=float, default=None, help="latency SLO in seconds, for goodput (default: none)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per request")
-    p.add_argument("--disable-tqdm", action="store_true")
-    p.add_argument("--result-json", type=Path, default=None)
+    p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    p.add_argument("--result-json", type=Path, default=None, help="write the results here as JSON (default: not)")
 
 
 def _optional_limit(kind: type[int] | type[float]) -> Callable[[str], int | float | None]:
@@ -223,70 +235,121 @@ def _add_server_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("hash-key", help="print the SHA-256 hash of an API key, for the --api-keys file")
-    p.add_argument("key")
+    p.add_argument("key", help="the API key a client will send")
     p.set_defaults(func=_hash_key)
 
     client = sub.add_parser("client", help="talk to a running server").add_subparsers(dest="client_command",
                                                                                        required=True)
-    p = client.add_parser("decompose", help="split one image into RGBA layers on a server")
-    p.add_argument("image", type=Path)
-    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p = client.add_parser("decompose", help="split one image into RGBA layers on a server",
+                          description="Split one image into RGBA layers on a running server (vllm-layered serve).")
+    p.add_argument("image", type=Path, help="input image file")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server")
     p.add_argument("--api-key", default=os.environ.get("VLLM_LAYERED_API_KEY"),
                    help="Bearer key (default: $VLLM_LAYERED_API_KEY)")
     p.add_argument("--model", default=None, help="served model name (default: the server's)")
-    p.add_argument("--out", type=Path, default=Path("layers"), help="output folder")
-    p.add_argument("--format", default="png", choices=("png", "zip", "psd", "pptx"))
-    p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--resolution", type=int, default=None, choices=(640, 1024))
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    _add_output_arguments(p)
+    p.add_argument("--layers", type=int, default=None, help="RGBA layers, 1-20 (default: the server's, 4)")
+    p.add_argument("--resolution", type=int, default=None, choices=(640, 1024),
+                   help="resolution bucket (default: the server's, 640)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the server's, 50)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: the server draws one)")
     p.add_argument("--prompt", default="", help="caption of the image (default: the server captions it)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=_client_decompose)
 
     bench = sub.add_parser("bench", help="benchmark a running server").add_subparsers(dest="bench_command",
                                                                                       required=True)
-    p = bench.add_parser("serve", help="send a request load, report throughput, latency and goodput")
+    p = bench.add_parser("serve", help="send a request load, report throughput, latency and goodput",
+                         description="Send a request load to a running server; report throughput, latency and "
+                                     "goodput. " + _BENCH_DESCRIPTION)
     _add_bench_arguments(p)
-    p.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson rate in req/s, or inf")
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="Poisson rate in req/s (inf: all at once)")
     p.set_defaults(func=_bench_serve)
-    p = bench.add_parser("sweep", help="bench serve at several rates, plot throughput against p95 latency")
+    p = bench.add_parser("sweep", help="bench serve at several rates, plot throughput against p95 latency",
+                         description="bench serve at several request rates, one after another; plot throughput "
+                                     "against p95 latency. " + _BENCH_DESCRIPTION)
     _add_bench_arguments(p)
     p.add_argument("--rates", default="0.05,0.1,inf", help="comma-separated request rates (inf: all at once)")
-    p.add_argument("--plot", type=Path, default=None, help="PNG of throughput against p95 latency")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="write a PNG of throughput against p95 latency here (default: no plot)")
     p.set_defaults(func=_bench_sweep)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help already says its default or there is
+    none to say (a flag, or None: the help then says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        nothing_to_say = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if nothing_to_say or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command parser shows its options' defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _add_output_arguments(p: argparse.ArgumentParser) -> None:
+    from vllm_layered.clients.output import OUTPUT_FORMATS
+
+    p.add_argument("--out", default="layers", metavar="PATH",
+                   help="png: a folder (layer_00.png = bottom ... composite.png); zip/psd/pptx: a file with that "
+                        "extension, or a folder that gets IMAGE_NAME.FORMAT")
+    p.add_argument("--format", default=None, choices=OUTPUT_FORMATS,
+                   help="default: from --out's extension (.zip, .psd, .pptx), else png")
+    p.add_argument("--keep-size", action="store_true",
+                   help="resize the layers to the input image's size (default: the resolution bucket's size, "
+                        "e.g. 768x512 for a 3:2 image at 640, as the official app returns them)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vllm-layered", description=__doc__)
+    parser = _Parser(prog="vllm-layered", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("decompose", help="split one image into RGBA layers")
+    p = sub.add_parser("decompose", help="split one image into RGBA layers",
+                       description="Split one image into RGBA layers on this machine.")
     p.add_argument("image", help="input image file (any format Pillow reads)")
-    p.add_argument("--model", help="diffusers folder or Hugging Face repo id (default: the embedded tiny model)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--resolution", type=int, default=640, choices=(640, 1024))
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt", default=None, help="caption of the image (default: auto-caption)")
-    p.add_argument("--negative-prompt", default=" ")
-    p.add_argument("--true-cfg-scale", type=float, default=4.0, help="1 turns classifier-free guidance off")
-    p.add_argument("--no-cfg-normalize", action="store_true")
+    p.add_argument("--model",
+                   help="diffusers folder or Hugging Face repo id, e.g. Qwen/Qwen-Image-Layered (default: the "
+                        "embedded tiny random model, made on first use: it shows the tool works; its layers are "
+                        "noise)")
+    p.add_argument("--layers", type=int, default=4, help="RGBA layers to split the image into, 1-20")
+    p.add_argument("--resolution", type=int, default=640, choices=(640, 1024),
+                   help="resolution bucket: the image is decomposed at about RES x RES pixels, aspect ratio kept")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"denoising steps (default: {DEFAULT_STEPS}; {EMBEDDED_MODEL_STEPS} on the embedded tiny "
+                        "model)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed, image and options give the "
+                                                       "same layers")
+    p.add_argument("--prompt", default=None, help="caption of the image (default: the model writes one)")
+    p.add_argument("--negative-prompt", default=" ",
+                   help="negative prompt of classifier-free guidance (default: ' ', as the official app)")
+    p.add_argument("--true-cfg-scale", type=float, default=4.0,
+                   help="classifier-free guidance scale; 1 turns it off (half the work)")
+    p.add_argument("--no-cfg-normalize", action="store_true",
+                   help="do not rescale the guided prediction to the norm of the conditional one")
     p.add_argument("--chinese-caption", action="store_true", help="auto-caption with the Chinese instruction")
-    p.add_argument("--out", type=Path, default=Path("layers"), help="output folder (png) or file (zip/psd/pptx)")
-    p.add_argument("--format", default="png", choices=("png", "zip", "psd", "pptx"))
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_output_arguments(p)
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if a GPU is visible)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto: bf16 on a GPU, fp32 on the CPU")
+    p.add_argument("--quiet", action="store_true", help="print only the written paths (no stages, no progress)")
     _add_parallel_arguments(p)
     _add_quantization_argument(p)
     _add_load_format_argument(p)
     p.set_defaults(func=_decompose)
 
-    p = sub.add_parser("make-tiny-checkpoint", help="write a random tiny model in the official folder layout")
-    p.add_argument("dir", type=Path)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("make-tiny-checkpoint", help="write a random tiny model in the official folder layout",
+                       description="Write a random tiny Qwen-Image-Layered in the official diffusers folder layout.")
+    p.add_argument("dir", type=Path, help="the folder to write (new, or empty unless --overwrite)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it holds files")
     p.set_defaults(func=_make_tiny_checkpoint)
 
     _add_server_parsers(sub)
@@ -297,9 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, CommandError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

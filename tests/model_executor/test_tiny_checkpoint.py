@@ -231,7 +231,7 @@ def test_same_seed_same_checkpoint_and_overwrite(tiny_checkpoint: Path, tmp_path
     reference_text = _read_tensors([tiny_checkpoint / "text_encoder/model.safetensors"])
     assert all(torch.equal(text[n], reference_text[n]) for n in reference_text)
 
-    with pytest.raises(ValueError, match="not empty"):
+    with pytest.raises(ValueError, match="not empty; to replace it pass --overwrite"):
         tiny.make_tiny_checkpoint(path)
     tiny.make_tiny_checkpoint(path, seed=1, overwrite=True)
     reseeded = _component_tensors(path, "transformer")
@@ -258,10 +258,12 @@ def test_default_model_path_generates_once(
 
     monkeypatch.setenv("VLLM_LAYERED_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(tiny, "_write_checkpoint", copy_checkpoint)
-    path = tiny.default_model_path()
-    assert path == tmp_path / "cache" / "tiny-qwen-image-layered"
+    assert tiny.default_model_dir() == tmp_path / "cache" / "tiny-qwen-image-layered"
+    announced = []
+    path = tiny.default_model_path(on_write=announced.append)
+    assert path == tiny.default_model_dir() and announced == [path]  # told before it is written
     assert (path / "model_index.json").is_file() and calls == [0]
-    assert tiny.default_model_path() == path and calls == [0]
+    assert tiny.default_model_path(on_write=announced.append) == path and calls == [0] and announced == [path]
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["tiny-qwen-image-layered"]
 
     # a copy left by an older recipe is replaced

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
+import openai
 import pytest
 from PIL import Image
 
-from tests.serving.helpers import png_bytes, start_server
-from vllm_layered.clients import AsyncLayeredClient, LayeredAPIError, LayeredClient, Layers
+from tests.serving.helpers import free_port, png_bytes, start_server
+from vllm_layered.clients import AsyncLayeredClient, LayeredAPIError, LayeredClient, LayeredConnectionError, Layers
+from vllm_layered.clients.cli import queue_position_text
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
 
 CHEAP = {"steps": 1, "true_cfg_scale": 1.0, "prompt": "a red ball"}
 
@@ -83,18 +89,111 @@ def test_errors_raise_with_the_server_message(server, image_path):
         assert not client.cancel("no-such-request")
 
 
+def client_cli(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "vllm_layered.cli", "client", "decompose", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
 def test_cli_client_decompose_writes_a_psd(server, image_path, tmp_path):
     from psd_tools import PSDImage
 
-    command = [sys.executable, "-m", "vllm_layered.cli", "client", "decompose", str(image_path),
-               "--base-url", server.base_url, "--out", str(tmp_path), "--layers", "2", "--steps", "1",
-               "--format", "psd", "--prompt", "a ball"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = client_cli(str(image_path), "--base-url", server.base_url, "--out", str(tmp_path), "--layers", "2",
+                        "--steps", "1", "--format", "psd", "--prompt", "a ball")
     assert result.returncode == 0, result.stderr
-    assert "step 1/1" in result.stderr
-    path = tmp_path / f"{image_path.stem}.psd"
+    assert "queued: 1st in line" in result.stderr.splitlines() and "step 1/1" in result.stderr
+    assert "size: the input is 64x48; layers come at the server's resolution bucket, 736x544" in result.stderr
+    path = tmp_path / f"{image_path.stem}.psd"  # a folder: the package takes the image's name
     assert result.stdout.strip() == str(path)
     assert len(list(PSDImage.open(path))) == 2
+
+
+def test_cli_client_keep_size_and_package_from_the_name(server, image_path, tmp_path):
+    result = client_cli(str(image_path), "--base-url", server.base_url, "--out", str(tmp_path / "l.zip"),
+                        "--layers", "1", "--steps", "1", "--prompt", "a ball", "--keep-size", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "l.zip") and result.stderr == ""
+    with zipfile.ZipFile(tmp_path / "l.zip") as archive:
+        assert archive.namelist() == ["layer_00.png", "composite.png"]
+        assert Image.open(io.BytesIO(archive.read("layer_00.png"))).size == (64, 48)
+
+
+def test_cli_client_checks_the_output_before_sending(image_path, tmp_path):
+    """No server listens there: the output's error comes first, so it is checked before any request."""
+    result = client_cli(str(image_path), "--base-url", f"http://127.0.0.1:{free_port()}", "--format", "psd",
+                        "--out", str(tmp_path / "stack.zip"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"error: --out {tmp_path / 'stack.zip'} must be a .psd file or a folder for --format " \
+                            "psd (it names a .zip file)\n"
+
+
+@pytest.mark.parametrize("quiet", [True, False])  # quiet: through the openai SDK; else httpx with progress
+def test_cli_client_names_the_url_it_cannot_reach(image_path, tmp_path, quiet):
+    url = f"http://127.0.0.1:{free_port()}"
+    result = client_cli(str(image_path), "--base-url", url, "--out", str(tmp_path), *(["--quiet"] if quiet else []))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.fullmatch(rf"error: cannot connect to {re.escape(url)}: .*[Cc]onnection refused.* \(is "
+                        r"`vllm-layered serve` running there\?\)\n", result.stderr), result.stderr
+
+
+def test_connection_errors_name_the_url_in_the_library():
+    url = f"http://127.0.0.1:{free_port()}"
+    with LayeredClient(url) as client:
+        for on_progress in (None, print):
+            with pytest.raises(LayeredConnectionError, match=f"cannot connect to {re.escape(url)}"):
+                client.decompose(png_bytes(), on_progress=on_progress)
+        with pytest.raises(LayeredConnectionError):
+            client.models()
+
+    async def run():
+        async with AsyncLayeredClient(url) as client:
+            with pytest.raises(LayeredConnectionError, match=re.escape(url)):
+                await client.decompose(png_bytes())
+
+    asyncio.run(run())
+
+
+def test_queue_position_text():
+    assert [queue_position_text(p) for p in (0, 1, 2, 3, 9, 10, 11, 12, 20, 21, 100, 110)] == [
+        "1st in line", "2nd in line", "3rd in line", "4th in line", "10th in line", "11th in line", "12th in line",
+        "13th in line", "21st in line", "22nd in line", "101st in line", "111th in line",
+    ]
+
+
+def _docs_example(heading: str) -> str:
+    """The first python block after ``heading`` in docs/serving.md."""
+    text = DOCS.read_text()
+    return text[text.index(heading):].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_docs_openai_sdk_streaming_example_runs(server, image_path, tmp_path, capsys):
+    code = _docs_example("#### Streaming through the openai SDK")
+    for old, new in {'"http://127.0.0.1:8000/v1"': repr(f"{server.base_url}/v1"), '"photo.png"': repr(str(image_path)),
+                     '"layers/"': repr(str(tmp_path / "out")), '"num_inference_steps": 50': '"num_inference_steps": 2',
+                     '"layers": 4': '"layers": 2'}.items():
+        assert old in code, old
+        code = code.replace(old, new)
+    namespace: dict = {}
+    exec(compile(code, str(DOCS), "exec"), namespace)  # the docs' example as written, on the tiny model
+    layers = namespace["layers"]
+    assert isinstance(layers, Layers) and len(layers) == 2 and layers.prompt  # the server captioned it
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["composite.png", "layer_00.png", "layer_01.png"]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "queued None None 0" and "step 2 2 None" in printed and printed[-1] == "decoding None 2 None"
+
+
+def test_an_error_event_raises_through_the_openai_sdk(server):
+    """As the docs say: a request cancelled mid-stream ends in an error event, which the SDK raises."""
+    sdk = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="none", max_retries=0)
+    stream = sdk.images.edit(image=("in.png", png_bytes(), "image/png"), prompt="a ball", stream=True,
+                             extra_body={"layers": 1, "num_inference_steps": 200, "true_cfg_scale": 1.0},
+                             extra_headers={"X-Request-Id": "sdk-cancel"})
+    cancelled = False
+    with pytest.raises(openai.APIError, match="cancel"), LayeredClient(server.base_url) as client:
+        for event in stream:  # step events already on their way may still arrive after the cancel
+            if event.to_dict().get("stage") == "step" and not cancelled:
+                cancelled = client.cancel("sdk-cancel")
+                assert cancelled
+    assert cancelled
 
 
 def test_clients_import_nothing_heavy():

@@ -13,6 +13,7 @@ _EXPORTS = {
     "AsyncLayeredClient": "vllm_layered.clients.client",
     "LayeredAPIError": "vllm_layered.clients.client",
     "LayeredClient": "vllm_layered.clients.client",
+    "LayeredConnectionError": "vllm_layered.clients.client",
     "Progress": "vllm_layered.clients.client",
     "Layers": "vllm_layered.clients.layers",
 }

@@ -7,10 +7,11 @@ progress events. Imports only openai, httpx, pillow and numpy.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -44,6 +45,26 @@ class LayeredAPIError(Exception):
         if not isinstance(error, dict):
             return cls(status_code, str(body))
         return cls(status_code, str(error.get("message")), error.get("code"), error.get("param"))
+
+
+class LayeredConnectionError(ConnectionError):
+    """The server could not be reached (refused, unknown host, ...); the message names its URL."""
+
+    def __init__(self, base_url: str, cause: BaseException) -> None:
+        reason = cause.__cause__ or cause  # the openai SDK wraps httpx's error, which names the cause
+        super().__init__(f"cannot connect to {base_url}: {reason} (is `vllm-layered serve` running there?)")
+        self.base_url = base_url
+
+
+@contextlib.contextmanager
+def _connecting_to(base_url: str) -> Iterator[None]:
+    """Turn a failed connection (not a timeout of a connected request) into LayeredConnectionError."""
+    try:
+        yield
+    except openai.APITimeoutError:
+        raise
+    except (httpx.ConnectError, openai.APIConnectionError) as e:
+        raise LayeredConnectionError(base_url, e) from e
 
 
 @dataclass(frozen=True)
@@ -120,6 +141,7 @@ class LayeredClient:
         timeout: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self.model = model
+        self.base_url = base_url
         self._openai = openai.OpenAI(base_url=_v1(base_url), api_key=api_key or "none", timeout=timeout, max_retries=0)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=_v1(base_url), headers=headers, timeout=timeout)
@@ -146,12 +168,13 @@ class LayeredClient:
             negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, cfg_normalize=cfg_normalize,
             use_en_prompt=use_en_prompt,
         )
-        if on_progress is not None:
-            return Layers.from_response(self._stream(image, prompt, fields, headers, on_progress))
-        try:
-            response = self._openai.images.edit(**_edit_kwargs(image, prompt, fields, headers))
-        except openai.APIStatusError as e:
-            raise LayeredAPIError.from_body(e.status_code, e.body if isinstance(e.body, dict) else {}) from None
+        with _connecting_to(self.base_url):
+            if on_progress is not None:
+                return Layers.from_response(self._stream(image, prompt, fields, headers, on_progress))
+            try:
+                response = self._openai.images.edit(**_edit_kwargs(image, prompt, fields, headers))
+            except openai.APIStatusError as e:
+                raise LayeredAPIError.from_body(e.status_code, e.body if isinstance(e.body, dict) else {}) from None
         return Layers.from_response(response.model_dump())
 
     def _stream(self, image, prompt, fields, headers, on_progress) -> dict[str, Any]:
@@ -164,11 +187,13 @@ class LayeredClient:
 
     def cancel(self, request_id: str) -> bool:
         """Cancel one of your requests in flight; False if there is none by that id."""
-        response = self._http.delete(f"/requests/{request_id}")
+        with _connecting_to(self.base_url):
+            response = self._http.delete(f"/requests/{request_id}")
         return response.status_code == 200
 
     def models(self) -> list[str]:
-        return [m.id for m in self._openai.models.list().data]
+        with _connecting_to(self.base_url):
+            return [m.id for m in self._openai.models.list().data]
 
     def close(self) -> None:
         self._http.close()
@@ -203,6 +228,7 @@ class AsyncLayeredClient:
         timeout: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self.model = model
+        self.base_url = base_url
         self._openai = openai.AsyncOpenAI(
             base_url=_v1(base_url), api_key=api_key or "none", timeout=timeout, max_retries=0
         )
@@ -230,12 +256,13 @@ class AsyncLayeredClient:
             negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, cfg_normalize=cfg_normalize,
             use_en_prompt=use_en_prompt,
         )
-        if on_progress is not None:
-            return Layers.from_response(await self._stream(image, prompt, fields, headers, on_progress))
-        try:
-            response = await self._openai.images.edit(**_edit_kwargs(image, prompt, fields, headers))
-        except openai.APIStatusError as e:
-            raise LayeredAPIError.from_body(e.status_code, e.body if isinstance(e.body, dict) else {}) from None
+        with _connecting_to(self.base_url):
+            if on_progress is not None:
+                return Layers.from_response(await self._stream(image, prompt, fields, headers, on_progress))
+            try:
+                response = await self._openai.images.edit(**_edit_kwargs(image, prompt, fields, headers))
+            except openai.APIStatusError as e:
+                raise LayeredAPIError.from_body(e.status_code, e.body if isinstance(e.body, dict) else {}) from None
         return Layers.from_response(response.model_dump())
 
     async def _stream(self, image, prompt, fields, headers, on_progress) -> dict[str, Any]:
@@ -255,11 +282,13 @@ class AsyncLayeredClient:
         raise LayeredAPIError(502, "the event stream ended without a result")
 
     async def cancel(self, request_id: str) -> bool:
-        response = await self._http.delete(f"/requests/{request_id}")
+        with _connecting_to(self.base_url):
+            response = await self._http.delete(f"/requests/{request_id}")
         return response.status_code == 200
 
     async def models(self) -> list[str]:
-        return [m.id for m in (await self._openai.models.list()).data]
+        with _connecting_to(self.base_url):
+            return [m.id for m in (await self._openai.models.list()).data]
 
     async def close(self) -> None:
         await self._http.aclose()

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -147,23 +148,32 @@ def make_tiny_checkpoint(path: str | Path, *, seed: int = 0, overwrite: bool = F
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ValueError(f"{path} exists and is not empty; pass overwrite=True to replace it")
+        raise ValueError(
+            f"{path} exists and is not empty; to replace it pass --overwrite (make-tiny-checkpoint) or overwrite=True"
+        )
     _write_atomically(path, seed, replace=overwrite)
     return path
 
 
-def default_model_path() -> Path:
-    """The embedded default model, generated (seed 0) on first use.
-
-    It lives in ``$VLLM_LAYERED_CACHE/tiny-qwen-image-layered`` (default cache folder
-    ``~/.cache/vllm-layered``). Two processes starting at once both write a temporary copy; the
-    first rename wins and the other copy is discarded. A cached copy whose configs differ from
-    this recipe (written by an older version) is replaced.
-    """
+def default_model_dir() -> Path:
+    """Where the embedded default model lives (written or not): ``$VLLM_LAYERED_CACHE/tiny-qwen-image-layered``,
+    the cache folder defaulting to ``~/.cache/vllm-layered``."""
     root = os.environ.get("VLLM_LAYERED_CACHE") or Path.home() / ".cache" / "vllm-layered"
-    path = Path(root).expanduser() / DEFAULT_MODEL_DIRNAME
+    return Path(root).expanduser() / DEFAULT_MODEL_DIRNAME
+
+
+def default_model_path(*, on_write: Callable[[Path], None] | None = None) -> Path:
+    """The embedded default model in ``default_model_dir()``, generated (seed 0) on first use.
+
+    ``on_write(path)`` is called before it is generated. Two processes starting at once both write a
+    temporary copy; the first rename wins and the other copy is discarded. A cached copy whose configs differ
+    from this recipe (written by an older version) is replaced.
+    """
+    path = default_model_dir()
     if _matches_recipe(path):
         return path
+    if on_write is not None:
+        on_write(path)
     try:
         _write_atomically(path, seed=0, replace=path.exists())
     except OSError:

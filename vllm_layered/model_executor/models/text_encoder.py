@@ -2,13 +2,15 @@
 
 Prompts are wrapped in a fixed system template whose first 34 tokens (the system part and the
 user header) are dropped; each prompt gives one unpadded ``[L, hidden]`` tensor. An empty prompt
-is replaced by a caption that the same VLM writes for the input image; only captioning needs the
-multimodal processor, whose video part needs torchvision, so the processor is loaded on first use
-and everything else works without it.
+is replaced by a caption that the same VLM writes for the input image. Only captioning needs the
+multimodal processor, so it is loaded on first use; it is built without its video processor (captions
+never pass a video, and the video processor is the one part that needs torchvision), so captioning works
+without torchvision too.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -170,7 +172,7 @@ class PromptEncoder:
 
     @property
     def processor(self):
-        """The Qwen2VLProcessor of ``root/processor``, loaded on first use (it needs torchvision)."""
+        """The Qwen2VLProcessor of ``root/processor`` (images only), loaded on first use."""
         with self._processor_lock:
             if self._processor is None and self._processor_error is None:
                 self._processor, self._processor_error = _load_processor(self.processor_path)
@@ -180,26 +182,47 @@ class PromptEncoder:
 
 
 def _load_processor(path: Path):
-    from transformers import Qwen2VLProcessor
-
+    """(processor, None) or (None, the error to raise on every caption)."""
     try:
-        return Qwen2VLProcessor.from_pretrained(path), None
+        return load_caption_processor(path), None
     except Exception as exc:
         cause = f"{type(exc).__name__}: {' '.join(str(exc).split())}".rstrip(".")
-        torchvision_problem = _torchvision_problem()
-        hint = (
-            f" transformers' Qwen2VLProcessor needs torchvision for its video processor, and torchvision "
-            f"cannot be imported here ({torchvision_problem}); install the torchvision build that matches "
-            f"torch {torch.__version__}, or give a non-empty prompt."
-            if torchvision_problem
-            else " Give a non-empty prompt to skip captioning."
-        )
         error = CaptionUnavailableError(
             f"auto-captioning (an empty prompt) needs the processor in {path}, which could not be loaded: "
-            f"{cause}.{hint}"
+            f"{cause}. Give a non-empty prompt to skip captioning."
         )
         error.__cause__ = exc
         return None, error
+
+
+def load_caption_processor(path: Path, *, pil: bool | None = None):
+    """The Qwen2VLProcessor of ``path`` without its video processor.
+
+    Its image processor is transformers' default (``pil`` False), as Qwen2VLProcessor.from_pretrained loads
+    it: the torchvision one, so captions equal the full processor's. ``pil`` True takes the PIL one instead,
+    whose resize differs slightly from torchvision's (so may a caption); None (default): PIL only where
+    torchvision cannot be imported.
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if pil is None:
+        pil = _torchvision_problem() is not None
+    image_processor = (Qwen2VLImageProcessorPil if pil else AutoImageProcessor).from_pretrained(path)
+    processor_class = _image_only_processor_class()
+    return processor_class(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(path))
+
+
+@functools.cache
+def _image_only_processor_class() -> type:
+    from transformers import Qwen2VLProcessor
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        # transformers takes a processor's parts from its __init__ signature: no video_processor here.
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs) -> None:
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return ImageOnlyQwen2VLProcessor
 
 
 def _torchvision_problem() -> str | None:

@@ -1,0 +1,99 @@
+"""Where ``decompose`` and ``client decompose`` write their layers: one rule for both, checked before any work.
+
+- ``--format`` not given: taken from ``--out``'s extension (.zip, .psd, .pptx), else png.
+- png: ``--out`` is a folder (created if needed) that gets layer_00.png (bottom) ... and composite.png.
+- zip, psd, pptx: ``--out`` is the file if it ends in that extension; a folder (one that exists, a path ending
+  in "/", or a name without an extension) gets ``<input image name>.<format>``.
+
+Anything else (a png folder that is a file, a .zip name with --format psd, a parent that is a file, a
+missing psd-tools) is a ValueError naming the problem. Needs only the standard library (and pillow to resize).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+PACKAGE_FORMATS = ("zip", "psd", "pptx")
+OUTPUT_FORMATS = ("png", *PACKAGE_FORMATS)
+# The module each package format imports, and the distribution that provides it.
+_FORMAT_MODULES = {"psd": ("psd_tools", "psd-tools"), "pptx": ("pptx", "python-pptx")}
+
+
+@dataclass(frozen=True)
+class OutputTarget:
+    """``format`` and ``path``: for png the folder of files, for a package the file."""
+
+    format: str
+    path: Path
+
+
+def resolve_output(out: str | os.PathLike, fmt: str | None, image: str | os.PathLike) -> OutputTarget:
+    """Apply the rule above to ``--out``, ``--format`` (None: not given) and the input image's path."""
+    raw = os.fspath(out)
+    path = Path(raw).expanduser()
+    suffix = path.suffix.lower().lstrip(".")
+    names_folder = path.is_dir() or raw.endswith(("/", os.sep))
+    if fmt is None:
+        fmt = suffix if suffix in PACKAGE_FORMATS and not names_folder else "png"
+    if fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
+    if fmt == "png":
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"--out {raw} is a file; PNG layers go into a folder (or pass --format zip/psd/pptx)")
+        if suffix in PACKAGE_FORMATS and not names_folder:
+            raise ValueError(
+                f"--out {raw} names a .{suffix} file, but --format png writes a folder: pass --format {suffix}, "
+                "or a folder"
+            )
+        target = OutputTarget("png", path)
+        _check_writable(path)
+        return target
+    if names_folder or (not suffix and not path.exists()):
+        target = OutputTarget(fmt, path / f"{Path(image).stem}.{fmt}")
+    elif suffix == fmt:
+        target = OutputTarget(fmt, path)
+    else:
+        raise ValueError(
+            f"--out {raw} must be a .{fmt} file or a folder for --format {fmt}"
+            + (f" (it names a .{suffix} file)" if suffix else " (it is a file without the extension)")
+        )
+    if target.path.is_dir():
+        raise ValueError(f"{target.path} is a folder; --format {fmt} writes a file there")
+    _check_export_dependency(fmt)
+    _check_writable(target.path.parent)
+    return target
+
+
+def resize_layers(layers: list[Image.Image], size: tuple[int, int]) -> list[Image.Image]:
+    """The layers resampled to ``size`` (width, height) with Lanczos, as the input was resized to the bucket;
+    Pillow resizes RGBA with premultiplied alpha, so colours under transparent pixels do not bleed."""
+    from PIL import Image
+
+    return [layer.resize(size, resample=Image.Resampling.LANCZOS) for layer in layers]
+
+
+def _check_writable(folder: Path) -> None:
+    """The nearest existing folder on the way to ``folder`` must be a folder we may write in."""
+    for ancestor in (folder, *folder.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise ValueError(f"cannot write under {folder}: {ancestor} is a file, not a folder")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise ValueError(f"cannot write under {folder}: no write permission in {ancestor}")
+            return
+
+
+def _check_export_dependency(fmt: str) -> None:
+    if fmt in _FORMAT_MODULES:
+        module, package = _FORMAT_MODULES[fmt]
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(
+                f"--format {fmt} needs {package}, part of the 'export' extra: pip install 'vllm-layered[export]'"
+            )
