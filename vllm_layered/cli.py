@@ -200,7 +200,21 @@ def _add_server_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", nargs="+", help="name(s) clients use for the model (default: --model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-keys", type=Path, help="JSON file of tenants and key hashes (default: open, no keys)")
+    p.add_argument("--api-keys", type=Path, help="JSON file of tenants and key hashes (default: open, no keys); "
+                                                 "re-read within a second or two of a change")
+    from vllm_layered.serving.tenant_store import DEFAULT_LEASE_TTL_S, FALLBACK_POLICIES
+
+    p.add_argument("--tenant-store", metavar="redis://HOST:PORT/DB",
+                   default=os.environ.get("VLLM_LAYERED_TENANT_STORE"),
+                   help="share the tenants' rate limits, concurrency and settings between replicas through Redis "
+                        "(needs --api-keys and the redis extra; default: $VLLM_LAYERED_TENANT_STORE, which keeps a "
+                        "password out of the command line; unset: each replica enforces the limits on its own)")
+    p.add_argument("--tenant-store-fallback", default="local", choices=FALLBACK_POLICIES,
+                   help="while the tenant store is unreachable: 'local' admits by this replica's own limits, "
+                        "'refuse' answers 503")
+    p.add_argument("--tenant-lease-ttl", type=float, default=DEFAULT_LEASE_TTL_S, metavar="SECONDS",
+                   help="how long the requests of a replica that died keep counting against their tenant's "
+                        "max_concurrency (running requests renew their lease every TTL/3, at most every second)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
     p.add_argument("--max-running", type=int, default=32, help="requests denoised together at most")
     p.add_argument("--step-order", default="srpt", choices=STEP_ORDERS,

@@ -12,11 +12,13 @@ selector are checked against the real Kubernetes definitions from kubernetes-val
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shlex
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -91,15 +93,21 @@ def _resources() -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-def _only(kind: str) -> dict[str, Any]:
-    found = [resource for _, resource in _resources() if resource["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+def _only(kind: str, component: str = "server") -> dict[str, Any]:
+    """The one resource of ``kind`` of the server (or of the Redis tenant store: component "tenant-store")."""
+    found = [resource for _, resource in _resources()
+             if resource["kind"] == kind and resource["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+    assert len(found) == 1, f"expected one {kind} of the {component}, found {len(found)}"
     return found[0]
 
 
-def _container() -> dict[str, Any]:
-    (container,) = _only("Deployment")["spec"]["template"]["spec"]["containers"]
+def _container(component: str = "server") -> dict[str, Any]:
+    (container,) = _only("Deployment", component)["spec"]["template"]["spec"]["containers"]
     return container
+
+
+def _server_args() -> argparse.Namespace:
+    return build_parser().parse_args(json.loads(_dockerfile_instruction("ENTRYPOINT"))[1:] + _container()["args"])
 
 
 def _dockerfile_instruction(name: str) -> str:
@@ -188,7 +196,7 @@ def test_the_pod_is_a_non_root_gpu_pod_with_health_probes():
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 15 * 60, "loading ~54 GB takes minutes"
 
-    args = build_parser().parse_args(json.loads(_dockerfile_instruction("ENTRYPOINT"))[1:] + container["args"])
+    args = _server_args()
     pre_stop = shlex.join(container["lifecycle"]["preStop"]["exec"]["command"])
     pre_stop_s = int(re.fullmatch(r"sleep (\d+)", pre_stop)[1])
     assert pod["terminationGracePeriodSeconds"] > args.shutdown_grace + pre_stop_s
@@ -230,3 +238,33 @@ def test_service_scrape_config_and_autoscaler_point_at_the_pods():
     claims = {v["persistentVolumeClaim"]["claimName"] for v in template["spec"]["volumes"]
               if "persistentVolumeClaim" in v}
     assert claims == {_only("PersistentVolumeClaim")["metadata"]["name"]}
+
+
+def test_the_replicas_share_the_tenant_store_of_the_manifests():
+    """--tenant-store names the Redis Service; the Service and the NetworkPolicy reach the Redis pod, and only
+    the server pods may talk to it; neither the server's Service nor its PodMonitor selects the Redis pod."""
+    url = urlsplit(_server_args().tenant_store)
+    service, store = _only("Service", "tenant-store"), _only("Deployment", "tenant-store")
+    (port,) = service["spec"]["ports"]
+    assert url.scheme == "redis" and (url.hostname, url.port) == (service["metadata"]["name"], port["port"])
+    assert store["spec"]["replicas"] == 1, "one store: two would each hold half of the leases"
+    store_labels = store["spec"]["template"]["metadata"]["labels"]
+    server_labels = _only("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= store_labels.items()
+    assert not service["spec"]["selector"].items() <= server_labels.items()
+    for selector in (_only("Service")["spec"]["selector"], _only("PodMonitor")["spec"]["selector"]["matchLabels"]):
+        assert not selector.items() <= store_labels.items()
+    container_ports = {p["name"]: p["containerPort"] for p in _container("tenant-store")["ports"]}
+    assert container_ports == {port["targetPort"]: 6379}
+
+    policy = _only("NetworkPolicy", "tenant-store")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= store_labels.items()
+    (rule,) = policy["ingress"]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"].items() <= server_labels.items()
+    assert [p["port"] for p in rule["ports"]] == [port["targetPort"]]
+
+    container = _container("tenant-store")
+    assert store["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["resources"]["requests"]["memory"] and container["resources"]["limits"]["memory"]

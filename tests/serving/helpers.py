@@ -27,6 +27,7 @@ class Server:
     base_url: str
     model: str
     log: Path
+    process: subprocess.Popen | None = None
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """Every sample of /metrics as {(name, sorted labels): value}, parsed by prometheus-client."""
@@ -75,7 +76,7 @@ def start_server(checkpoint: Path | None, log_dir: Path, *args: str) -> Iterator
     ]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", str(checkpoint), log)
+    server = Server(f"http://127.0.0.1:{port}", str(checkpoint), log, process)
     try:
         wait_until_healthy(process, server.base_url, log, STARTUP_TIMEOUT_S, poll_s=0.2, name="server")
         yield server

@@ -221,3 +221,24 @@ def test_short_request_overtakes_a_long_one_at_a_step_boundary(pipeline, step_or
 def test_engine_config_refuses_bad_values(bad, message):
     with pytest.raises(ValueError, match=message):
         EngineConfig(**bad)
+
+
+def test_work_tokens_tell_the_work_left(pipeline):
+    """The router's load signal: token-forwards left in the admitted requests, and queued behind them."""
+
+    async def scenario():
+        engine = await started_engine(pipeline, max_running=1)
+        assert engine.work_tokens() == (0, 0)
+        first = engine.submit(request("first", steps=8))
+        await wait_for(first, "step")
+        second = engine.submit(request("second", layers=2, steps=3))
+        running, waiting = engine.work_tokens()
+        assert waiting == request_tokens(second.request) * 3  # max_running=1: it waits
+        await wait_for(first, "step")
+        assert 0 < engine.work_tokens()[0] < running  # each step takes its tokens off
+        await first.result()
+        await second.result()
+        assert engine.work_tokens() == (0, 0)
+        await engine.shutdown(1)
+
+    run(scenario())

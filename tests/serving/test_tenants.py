@@ -65,6 +65,9 @@ def test_open_mode_admits_everyone_as_default():
         ([{"name": "a", "max_request_work": 0}], "max_request_work"),
         ([{"name": "a", "max_request_work": "100"}], "max_request_work"),
         ([{"name": "a"}, {"name": "a"}], "unique"),
+        (["a"], "object with a name"),
+        ([{"max_concurrency": 1}], "object with a name"),
+        ([{"name": "a", "max_concurrency": "2"}], "tenant 'a'"),
         ([{"name": "a", "api_key_sha256": [hash_key("k")]}, {"name": "b", "api_key_sha256": [hash_key("k")]}],
          "another tenant"),
     ],
@@ -109,3 +112,18 @@ def test_admission_enforces_concurrency_then_rate():
     assert control.in_flight("u") == 100
     for lease in leases:
         lease.release()
+
+
+def test_admission_follows_changed_limits():
+    """A reloaded keys file hands admit() a Tenant with new limits: the bucket keeps what it earned, up to
+    the new capacity, and refills at the new rate."""
+    clock = Clock()
+    control = AdmissionControl(clock)
+    control.admit(Tenant("t", requests_per_minute=60, burst=3)).release()  # 2 tokens left
+    faster = Tenant("t", requests_per_minute=120, burst=1)
+    control.admit(faster).release()  # the capacity is 1 now: one token, not two
+    with pytest.raises(AdmissionError) as refused:
+        control.admit(faster)
+    assert refused.value.retry_after_s == pytest.approx(0.5)  # 2 tokens per second
+    clock.now = 0.5
+    control.admit(faster).release()

@@ -539,6 +539,7 @@ def build_app(
         served_model_names=served_model_names,
     )
     api.metrics.watch_engine(engine.is_healthy, engine.config.max_waiting)
+    api.metrics.watch_load(engine.work_tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -579,10 +580,13 @@ def build_app(
 
     @app.get("/health", responses={503: {"model": ErrorResponse}})
     async def health() -> dict[str, Any]:
-        """200 while the engine loop is alive and stepping; 503 when it died or is stuck."""
+        """200 while the engine loop is alive and stepping; 503 when it died or is stuck. The body carries the
+        load a router balances by: requests and work left (token-forwards), running and waiting."""
         if not engine.is_healthy():
             raise APIError(503, "the engine is not healthy (its loop died or is stuck)", code="engine_unhealthy")
-        return {"status": "ok", "num_requests_running": engine.num_running, "num_requests_waiting": engine.num_waiting}
+        running_work, waiting_work = engine.work_tokens()
+        return {"status": "ok", "num_requests_running": engine.num_running, "num_requests_waiting": engine.num_waiting,
+                "running_work_tokens": running_work, "waiting_work_tokens": waiting_work}
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

@@ -16,6 +16,13 @@ Two levels, counted separately:
   successes and failures match ``api_requests_total`` with status 200 and the other statuses.
 
 Calls without a valid key are counted under tenant "unauthenticated".
+
+Load, for routers (read at scrape time): ``running_work_tokens`` and ``waiting_work_tokens``, the work left
+in the admitted and the waiting decompositions in token-forwards (tokens of one forward x steps left).
+Tenants (serving/tenant_store.py): ``tenant_limit{tenant,limit}`` (max_concurrency, requests_per_minute: the
+limits in force, cluster-wide with ``--tenant-store``, else per replica), ``tenant_store_up{store}`` (1/0,
+only with ``--tenant-store``), ``tenant_store_errors_total{operation}`` and
+``tenant_settings_reloads_total{source,outcome}``.
 """
 
 from __future__ import annotations
@@ -102,12 +109,53 @@ class ServingMetrics(EngineObserver):
             "1 while the engine is alive and stepping, 0 when it failed, died or is stuck (what GET /health says).",
             registry=r,
         )
+        self.running_work = Gauge(
+            PREFIX + "running_work_tokens",
+            "Work left in the admitted decompositions, in token-forwards (tokens of one forward x steps left).",
+            registry=r,
+        )
+        self.waiting_work = Gauge(
+            PREFIX + "waiting_work_tokens", "Work of the waiting decompositions, in token-forwards.", registry=r
+        )
+        self.tenant_store_up = Gauge(
+            PREFIX + "tenant_store_up",
+            "1 while the shared tenant store (--tenant-store) answers, 0 while it is unreachable.",
+            ["store"], registry=r,
+        )
+        self.tenant_store_errors = Counter(
+            PREFIX + "tenant_store_errors_total", "Failed calls to the shared tenant store.", ["operation"],
+            registry=r,
+        )
+        self.tenant_limit = Gauge(
+            PREFIX + "tenant_limit",
+            "The tenants' limits in force (keys file / tenant store): max_concurrency and requests_per_minute.",
+            ["tenant", "limit"], registry=r,
+        )
+        self.tenant_settings_reloads = Counter(
+            PREFIX + "tenant_settings_reloads_total",
+            "Tenant settings read while serving, from the keys file or the shared store: applied or invalid.",
+            ["source", "outcome"], registry=r,
+        )
         r.register(_GpuMemoryCollector())
 
     def watch_engine(self, probe: Callable[[], bool], max_waiting: int) -> None:
         """Read ``engine_healthy`` from ``probe`` at every scrape; export the queue bound."""
         self.healthy.set_function(lambda: float(probe()))
         self.queue_capacity.set(max_waiting)
+
+    def export_tenant_limits(self, limits: dict[str, dict[str, float | None]]) -> None:
+        """``tenant_limit{tenant,limit}`` for the limits in force ({tenant: {limit: value or None}}); the
+        series of tenants or limits no longer there disappear."""
+        self.tenant_limit.clear()
+        for tenant, values in limits.items():
+            for limit, value in values.items():
+                if value is not None:
+                    self.tenant_limit.labels(tenant, limit).set(value)
+
+    def watch_load(self, probe: Callable[[], tuple[int, int]]) -> None:
+        """Read ``running_work_tokens`` and ``waiting_work_tokens`` from ``probe`` at every scrape."""
+        self.running_work.set_function(lambda: float(probe()[0]))
+        self.waiting_work.set_function(lambda: float(probe()[1]))
 
     # -- engine hooks ---------------------------------------------------------------------------
 

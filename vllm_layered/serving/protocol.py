@@ -60,6 +60,7 @@ ERROR_CODES: dict[str, int] = {
     "engine_overloaded": 503,
     "server_cancelled": 503,
     "engine_unhealthy": 503,
+    "tenant_store_unavailable": 503,
     "deadline_exceeded": 504,
 }
 

@@ -18,6 +18,9 @@ The keys file is JSON (no YAML dependency); keys are stored only as SHA-256 hex 
 
 Without a keys file the server is open: every caller is tenant "default", without per-tenant limits
 (the server-wide ones, such as ``--max-request-work``, still apply).
+
+AdmissionControl enforces the limits within one process; serving/tenant_store.py re-reads the keys file
+while serving and can share the limits between replicas (Redis).
 """
 
 from __future__ import annotations
@@ -45,7 +48,10 @@ class AuthenticationError(Exception):
 
 
 class AdmissionError(Exception):
-    """A tenant is over one of its limits; ``reason`` is 'rate_limited' or 'concurrency_limited'."""
+    """A tenant is over one of its limits; ``reason`` is 'rate_limited' or 'concurrency_limited'.
+    ``status_code``: the HTTP status it deserves (429; a subclass for an unreachable tenant store says 503)."""
+
+    status_code = 429
 
     def __init__(self, reason: str, message: str, retry_after_s: float) -> None:
         super().__init__(message)
@@ -102,21 +108,31 @@ class TenantRegistry:
 
     @classmethod
     def from_file(cls, path: str | Path) -> TenantRegistry:
+        return cls.from_json(Path(path).read_text(), f"API keys file {path}")
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "API keys") -> TenantRegistry:
+        """The registry of a keys file's content; ``source`` names where it came from in error messages."""
         try:
-            config = json.loads(Path(path).read_text())
+            config = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"API keys file {path} is not valid JSON: {e}") from e
+            raise ValueError(f"{source} is not valid JSON: {e}") from e
         entries = config.get("tenants") if isinstance(config, dict) else None
         if not isinstance(entries, list) or not entries:
-            raise ValueError(f'API keys file {path} needs a non-empty "tenants" list')
+            raise ValueError(f'{source} needs a non-empty "tenants" list')
         tenants, key_hashes = [], {}
         for entry in entries:
+            if not isinstance(entry, dict) or "name" not in entry:
+                raise ValueError(f"{source}: every tenant must be an object with a name, got {entry!r}")
             unknown = set(entry) - _TENANT_FIELDS
             if unknown:
-                raise ValueError(f"API keys file {path}: unknown tenant fields {sorted(unknown)}")
+                raise ValueError(f"{source}: unknown tenant fields {sorted(unknown)}")
             digests = entry.get("api_key_sha256", [])
             digests = [digests] if isinstance(digests, str) else digests
-            tenant = Tenant(**{k: v for k, v in entry.items() if k != "api_key_sha256"})
+            try:
+                tenant = Tenant(**{k: v for k, v in entry.items() if k != "api_key_sha256"})
+            except TypeError as e:  # a field of the wrong type
+                raise ValueError(f"{source}: tenant {entry['name']!r}: {e}") from e
             for digest in digests:
                 digest = digest.lower()
                 if not _HEX_DIGEST.match(digest):
@@ -147,6 +163,26 @@ class TenantRegistry:
         return {name: t.weight for name, t in self.tenants.items()}
 
 
+def bucket_limits(tenant: Tenant) -> tuple[float, float] | None:
+    """The tenant's token bucket as (refill rate per second, capacity), None without a rate limit."""
+    rpm = tenant.requests_per_minute
+    if rpm is None:
+        return None
+    return rpm / 60.0, tenant.burst if tenant.burst is not None else max(1, math.floor(rpm))
+
+
+def concurrency_limited(tenant: Tenant) -> AdmissionError:
+    return AdmissionError(
+        "concurrency_limited", f"tenant {tenant.name!r} already has {tenant.max_concurrency} requests in flight", 1.0
+    )
+
+
+def rate_limited(tenant: Tenant, wait_s: float) -> AdmissionError:
+    return AdmissionError(
+        "rate_limited", f"tenant {tenant.name!r} is over {tenant.requests_per_minute:g} requests per minute", wait_s
+    )
+
+
 class TokenBucket:
     def __init__(self, rate_per_s: float, capacity: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate_per_s = rate_per_s
@@ -155,15 +191,24 @@ class TokenBucket:
         self._tokens = capacity
         self._last = clock()
 
+    def retune(self, rate_per_s: float, capacity: float) -> None:
+        """New limits (the keys file changed): the tokens earned so far stay, up to the new capacity."""
+        self._refill()
+        self.rate_per_s, self.capacity = rate_per_s, capacity
+        self._tokens = min(capacity, self._tokens)
+
     def take(self) -> float:
         """Take a token: 0.0 if one was there, else the seconds until one will be (nothing taken)."""
-        now = self._clock()
-        self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate_per_s)
-        self._last = now
+        self._refill()
         if self._tokens >= 1:
             self._tokens -= 1
             return 0.0
         return (1 - self._tokens) / self.rate_per_s
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate_per_s)
+        self._last = now
 
 
 @dataclass
@@ -195,19 +240,12 @@ class AdmissionControl:
         """A concurrency slot for one image request, or AdmissionError (nothing held, no token taken)."""
         with self._lock:
             if tenant.max_concurrency is not None and self.in_flight(tenant.name) >= tenant.max_concurrency:
-                raise AdmissionError(
-                    "concurrency_limited",
-                    f"tenant {tenant.name!r} already has {tenant.max_concurrency} requests in flight",
-                    1.0,
-                )
-            if tenant.requests_per_minute is not None:
-                wait_s = self._bucket(tenant).take()
+                raise concurrency_limited(tenant)
+            limits = bucket_limits(tenant)
+            if limits is not None:
+                wait_s = self._bucket(tenant.name, *limits).take()
                 if wait_s > 0:
-                    raise AdmissionError(
-                        "rate_limited",
-                        f"tenant {tenant.name!r} is over {tenant.requests_per_minute:g} requests per minute",
-                        wait_s,
-                    )
+                    raise rate_limited(tenant, wait_s)
             self._in_flight[tenant.name] = self.in_flight(tenant.name) + 1
         return Admission(lambda: self._release(tenant.name))
 
@@ -215,10 +253,10 @@ class AdmissionControl:
         with self._lock:
             self._in_flight[name] -= 1
 
-    def _bucket(self, tenant: Tenant) -> TokenBucket:
-        bucket = self._buckets.get(tenant.name)
+    def _bucket(self, name: str, rate_per_s: float, capacity: float) -> TokenBucket:
+        bucket = self._buckets.get(name)
         if bucket is None:
-            rpm = tenant.requests_per_minute
-            capacity = tenant.burst if tenant.burst is not None else max(1, math.floor(rpm))
-            bucket = self._buckets[tenant.name] = TokenBucket(rpm / 60.0, capacity, self._clock)
+            bucket = self._buckets[name] = TokenBucket(rate_per_s, capacity, self._clock)
+        elif (bucket.rate_per_s, bucket.capacity) != (rate_per_s, capacity):
+            bucket.retune(rate_per_s, capacity)
         return bucket

@@ -173,6 +173,24 @@ class AsyncLayeredEngine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    def work_tokens(self) -> tuple[int, int]:
+        """Work left in token-forwards (tokens of one forward x steps still to run): of the admitted requests
+        and of the waiting ones. The load a router balances replicas by: a 50-step request weighs 25 2-step
+        ones, where a request count sees one against 25."""
+        running = waiting = 0
+        with self._lock:
+            for entry in self._requests.values():
+                state = entry.state
+                if state is not None:  # denoising or decoding
+                    running += (state.num_steps - state.step) * state.step_tokens
+                    continue
+                work = request_tokens(entry.request) * entry.request.params.num_inference_steps
+                if entry.status is RequestStatus.WAITING:
+                    waiting += work
+                elif entry.status is RequestStatus.PREPROCESSING:
+                    running += work
+        return running, waiting
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self.pipeline.device.type == "cuda":  # the weights were written on the loading thread's stream
