@@ -176,8 +176,6 @@ def test_every_option_says_what_it_does_and_its_default():
 
     checked = 0
     for path, parser in _subparsers(build_parser()):
-        if path == ("serve",):  # its options belong to the server's own parser (see the lead's notes)
-            continue
         formatter = parser._get_formatter()
         for action in parser._actions:
             if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):

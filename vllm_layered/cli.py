@@ -198,8 +198,8 @@ def _add_server_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the OpenAI-compatible images API")
     p.add_argument("--model", help="diffusers folder or Hugging Face repo id (default: the embedded tiny model)")
     p.add_argument("--served-model-name", nargs="+", help="name(s) clients use for the model (default: --model)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-keys", type=Path, help="JSON file of tenants and key hashes (default: open, no keys); "
                                                  "re-read within a second or two of a change")
     from vllm_layered.serving.tenant_store import DEFAULT_LEASE_TTL_S, FALLBACK_POLICIES
@@ -240,12 +240,14 @@ def _add_server_parsers(sub: argparse._SubParsersAction) -> None:
                         "n=1 (at most 9,504,000), and refuses twice that")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to finish work on shutdown")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="weights and activations (auto: bf16 on a GPU, fp32 on the CPU)")
     _add_parallel_arguments(p)
     _add_quantization_argument(p)
     _add_load_format_argument(p)
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    p.add_argument("--no-access-log", action="store_true")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="server log verbosity")
+    p.add_argument("--no-access-log", action="store_true", help="do not log one line per HTTP request")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("hash-key", help="print the SHA-256 hash of an API key, for the --api-keys file")

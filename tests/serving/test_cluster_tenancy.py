@@ -20,7 +20,6 @@ from vllm_layered.serving.tenants import hash_key
 
 # `serve` accepts --tenant-store but the server does not use the store yet: the lead wires it into
 # api_server.py (issue 18, phase 2), then removes this mark. With the wiring applied these tests passed.
-pytestmark = pytest.mark.skip(reason="wiring pending: api_server.py does not use the tenant store yet")
 
 TTL_S = 2.0
 KEYS = {"pair": "sk-pair-0123456789", "rate": "sk-rate-0123456789", "solo": "sk-solo-0123456789",

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import logging
 import math
 import re
 import secrets
@@ -82,9 +83,9 @@ from vllm_layered.serving.protocol import (
 from vllm_layered.serving.results import build_images_response
 from vllm_layered.serving.sse import HEADERS as SSE_HEADERS
 from vllm_layered.serving.sse import HEARTBEAT, sse_event
+from vllm_layered.serving.tenant_store import LiveTenants, LocalTenantStore, TenantStore, build_tenant_store
 from vllm_layered.serving.tenants import (
     Admission,
-    AdmissionControl,
     AdmissionError,
     AuthenticationError,
     Tenant,
@@ -95,6 +96,7 @@ from vllm_layered.serving.uploads import CLOSE, ClientGone, read_form, read_json
 if TYPE_CHECKING:
     from vllm_layered.serving.engine.engine import AsyncLayeredEngine
 
+logger = logging.getLogger(__name__)
 OVERLOAD_RETRY_AFTER_S = 1
 # Uploads decoded at once. A decode briefly holds about 8 bytes per input pixel (the RGBA image and the
 # premultiplied copy Pillow resizes: ~325 MB at 40 MP); the bound keeps that the same however many upload.
@@ -156,17 +158,17 @@ class LayeredAPI:
         self,
         engine: AsyncLayeredEngine,
         *,
-        tenants: TenantRegistry,
+        tenant_store: TenantStore,
         limits: ServerLimits,
         metrics: ServingMetrics,
         served_model_names: Sequence[str] = (),
     ) -> None:
         self.engine = engine
-        self.tenants = tenants
+        self.tenants: LiveTenants = tenant_store.tenants
         self.limits = limits
         self.metrics = metrics
         self.model_names = list(dict.fromkeys([*served_model_names, engine.model_name]))
-        self.admission = AdmissionControl()
+        self.admission = tenant_store
         self.jobs = JobRegistry()
         self.created = int(time.time())
         self._decode_slots = asyncio.Semaphore(DECODE_CONCURRENCY)
@@ -476,7 +478,7 @@ def _validate(model: type[LayeredOptions], data: dict[str, Any]) -> Any:
 
 
 def _rejection_reason(error: APIError) -> str:
-    if error.status_code == 429:
+    if error.status_code == 429 or error.code == "tenant_store_unavailable":
         return error.code or "rate_limited"
     if error.code == "work_limit_exceeded":
         return "work_limit"
@@ -485,7 +487,7 @@ def _rejection_reason(error: APIError) -> str:
 
 def _admission_error(e: AdmissionError) -> APIError:
     retry = str(max(1, math.ceil(e.retry_after_s)))
-    return APIError(429, str(e), code=e.reason, headers={"Retry-After": retry})
+    return APIError(e.status_code, str(e), code=e.reason, headers={"Retry-After": retry})
 
 
 def _overloaded(reason: str, *, close: bool = False) -> APIError:
@@ -526,16 +528,18 @@ def _json_body(model: type[BaseModel]) -> dict[str, Any]:
 def build_app(
     engine: AsyncLayeredEngine,
     *,
-    tenants: TenantRegistry,
+    tenants: TenantRegistry | TenantStore,
     limits: ServerLimits,
     metrics: ServingMetrics | None = None,
     served_model_names: Sequence[str] = (),
     shutdown_grace_s: float = 30.0,
 ) -> FastAPI:
-    """The FastAPI app. It starts the engine on startup and shuts it down on exit. Pass the
+    """The FastAPI app. It starts the engine (and the tenant store) on startup and shuts them down on exit.
+    ``tenants``: a fixed registry, or the TenantStore of `serve` (keys file reloads, shared limits). Pass the
     ServingMetrics that is the engine's observer, or engine-side metrics stay empty."""
+    store = tenants if isinstance(tenants, TenantStore) else LocalTenantStore(tenants)
     api = LayeredAPI(
-        engine, tenants=tenants, limits=limits, metrics=metrics or ServingMetrics(),
+        engine, tenant_store=store, limits=limits, metrics=metrics or ServingMetrics(),
         served_model_names=served_model_names,
     )
     api.metrics.watch_engine(engine.is_healthy, engine.config.max_waiting)
@@ -543,11 +547,13 @@ def build_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await asyncio.to_thread(store.start)  # the first Redis contact is bounded by the store's short timeouts
         await engine.start()
         try:
             yield
         finally:
             await engine.shutdown(grace_period_s=shutdown_grace_s)
+            store.close()
 
     app = FastAPI(title="vllm-layered", summary="Qwen-Image-Layered: one image in, RGBA layers out",
                   description=__doc__, lifespan=lifespan)
@@ -625,9 +631,14 @@ def run_server(args: argparse.Namespace) -> int:
 
     from vllm_layered.cli import model_path, parallel_config, quantization
     from vllm_layered.model_executor.pipeline import LayeredPipeline
+    from vllm_layered.model_executor.summary import describe_pipeline
     from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig
 
-    tenants = TenantRegistry.from_file(args.api_keys) if args.api_keys else TenantRegistry.open()
+    metrics = ServingMetrics()
+    store = build_tenant_store(
+        api_keys=args.api_keys, url=args.tenant_store, fallback=args.tenant_store_fallback,
+        lease_ttl_s=args.tenant_lease_ttl, metrics=metrics,
+    )
     limits = ServerLimits(
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
         max_pixels=args.max_pixels,
@@ -643,17 +654,17 @@ def run_server(args: argparse.Namespace) -> int:
         quantization=quantization(args), attention_dtype=args.attention_dtype, load_format=args.load_format,
     )
     served_names = args.served_model_name or [args.model or Path(root).name]
+    logger.info("serving %s", describe_pipeline(pipeline, model=args.model, quantization=quantization(args)))
     config = EngineConfig(
         model_name=served_names[0],
         max_waiting=args.max_queue,
         max_running=args.max_running,
         step_order=args.step_order,
-        tenant_weights=tenants.weights(),
+        tenant_weights=store.tenants.weights(),
     )
-    metrics = ServingMetrics()
     engine = AsyncLayeredEngine(pipeline, config, observer=metrics)
     app = build_app(
-        engine, tenants=tenants, limits=limits, metrics=metrics,
+        engine, tenants=store, limits=limits, metrics=metrics,
         served_model_names=served_names, shutdown_grace_s=args.shutdown_grace,
     )
     uvicorn.run(
