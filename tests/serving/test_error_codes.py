@@ -11,7 +11,9 @@ import ast
 import re
 from pathlib import Path
 
+import vllm_layered.serving.api_server  # noqa: F401  (imports every AdmissionError subclass the server raises)
 from vllm_layered.serving.protocol import ERROR_CODES
+from vllm_layered.serving.tenants import AdmissionError
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVING = ROOT / "vllm_layered" / "serving"
@@ -72,6 +74,8 @@ def server_codes() -> dict[str, set[int]]:
         codes.setdefault(code, set()).add(ERROR_CODES.get(code, 400))
     for reason in _first_string_arguments(SERVING / "tenants.py", "AdmissionError"):
         codes.setdefault(reason, set()).add(429)
+    for error in AdmissionError.__subclasses__():  # a fixed reason with its own status (e.g. the store is down)
+        codes.setdefault(error("").reason, set()).add(error.status_code)
     for code, status in ROUTING_CODES.items():
         codes.setdefault(code, set()).add(status)
     return codes
