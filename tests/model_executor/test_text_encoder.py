@@ -138,14 +138,13 @@ def test_encode_refuses_text_the_tokenizer_cannot_take(encoder: PromptEncoder) -
 def test_caption_without_the_processor_explains_and_remembers(
     tiny_checkpoint: Path, encoder: PromptEncoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Where torchvision is missing the processor cannot load: the error says so, once, and encoding still works."""
-    monkeypatch.setattr(te, "_torchvision_problem", lambda: "ModuleNotFoundError: No module named 'torchvision'")
+    """Where the processor cannot load, captioning says why and what to do, once; encoding still works."""
     loads = []
     real_load = te._load_processor
     monkeypatch.setattr(te, "_load_processor", lambda path: loads.append(path) or real_load(path))
     broken = PromptEncoder(encoder.model, encoder.tokenizer, tmp_path / "no-processor")
     image = Image.new("RGBA", (96, 64), (200, 30, 30, 255))
-    with pytest.raises(CaptionUnavailableError, match="torchvision") as info:
+    with pytest.raises(CaptionUnavailableError, match="non-empty prompt") as info:
         broken.caption(image, use_en_prompt=True)
     assert "processor" in str(info.value) and str(broken.processor_path) in str(info.value)
     with pytest.raises(CaptionUnavailableError):  # the failure is remembered, not retried

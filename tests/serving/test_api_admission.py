@@ -50,6 +50,9 @@ class EngineStandIn:
     def has_queue_room(self, tenant: str) -> bool:
         return self.room
 
+    def work_tokens(self) -> tuple[int, int]:
+        return 0, 0
+
     def submit(self, request: LayeredRequest) -> RequestHandle:
         if request.request_id in self.handles:  # as the engine: an id is taken until its request has ended
             raise ValueError(f"request id {request.request_id!r} is already in use")

@@ -189,6 +189,10 @@ class LocalTenantStore(TenantStore):
     def admit(self, tenant: Tenant) -> Admission:
         return self.admission.admit(tenant)
 
+    def in_flight(self, tenant: str) -> int:
+        """Requests of ``tenant`` admitted here and not yet released."""
+        return self.admission.in_flight(tenant)
+
 
 def build_tenant_store(
     *,
