@@ -30,8 +30,9 @@ from benchmarks.common import (  # noqa: E402
     write_results,
 )
 from vllm_layered.kernels.fp8 import fp8_gemm, quantize_rows_ref  # noqa: E402
-from vllm_layered.model_executor.forward_batch import ForwardBatch, SequenceLayout  # noqa: E402
+from vllm_layered.model_executor.forward_batch import ForwardBatch  # noqa: E402
 from vllm_layered.model_executor.models.fp8_linear import Fp8Linear  # noqa: E402
+from vllm_layered.model_executor.sequence_layout import SequenceLayout  # noqa: E402
 
 COND_TEXT, UNCOND_TEXT = 200, 6  # a ~200-token caption; the negative prompt " " leaves 6 tokens
 

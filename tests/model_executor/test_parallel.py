@@ -10,13 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from vllm_layered.model_executor.forward_batch import ForwardBatch, PackedMetadata, SequenceLayout
+from vllm_layered.model_executor.forward_batch import ForwardBatch, PackedMetadata
 from vllm_layered.model_executor.models.transformer import LayeredTransformer
 from vllm_layered.model_executor.parallel import CheckpointTransformer, ParallelConfig, ParallelTransformer
 from vllm_layered.model_executor.parallel.executor import output_rows, split_sequences
 from vllm_layered.model_executor.parallel.ulysses import UlyssesExchange
 from vllm_layered.model_executor.pipeline import GenerationParams, LayeredPipeline
 from vllm_layered.model_executor.sampler import model_timestep
+from vllm_layered.model_executor.sequence_layout import SequenceLayout
 from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig
 from vllm_layered.serving.engine.request import EngineError, LayeredRequest, RequestCancelledError
 

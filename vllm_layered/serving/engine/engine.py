@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_layered.model_executor.denoise import DenoiseState
-from vllm_layered.model_executor.forward_batch import SequenceLayout
 from vllm_layered.model_executor.image_processing import bucket_size
 from vllm_layered.model_executor.pipeline import DECODE_CHUNK, LayeredPipeline
+from vllm_layered.model_executor.sequence_layout import SequenceLayout
 from vllm_layered.serving.engine.observer import EngineObserver
 from vllm_layered.serving.engine.request import (
     EngineError,
