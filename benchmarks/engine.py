@@ -105,7 +105,7 @@ def diffusers_pipeline(pipe):
 
     with torch.device("cuda"):
         vae = AutoencoderKLQwenImage(**full_size_vae_config()).to(torch.bfloat16)
-    cfg = pipe.scheduler_config
+    cfg = pipe.noise_schedule_config
     ref = QwenImageLayeredPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=cfg.use_dynamic_shifting,
                                                   time_shift_type=cfg.time_shift_type),

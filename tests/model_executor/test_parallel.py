@@ -151,7 +151,7 @@ def test_a_dead_rank_fails_fast_and_makes_the_engine_unhealthy(tiny_checkpoint, 
     model, batch, _ = reference
     factory = CheckpointTransformer(tiny_checkpoint / "transformer", torch.float32)
     parallel = ParallelTransformer.launch(model, factory, ParallelConfig(sp_degree=2), torch.device("cpu"))
-    pipeline = LayeredPipeline(transformer=parallel, vae=None, prompt_encoder=None, scheduler_config=None,
+    pipeline = LayeredPipeline(transformer=parallel, vae=None, prompt_encoder=None, noise_schedule_config=None,
                                device=torch.device("cpu"), dtype=torch.float32)
 
     async def scenario():
@@ -246,7 +246,8 @@ def test_a_worker_killed_mid_forward_fails_every_request_fast(tiny_checkpoint, t
     factory = HangingTransformer(CheckpointTransformer(tiny_checkpoint / "transformer", torch.float32), marker)
     parallel = ParallelTransformer.launch(single.transformer, factory, ParallelConfig(sp_degree=2), single.device)
     pipeline = LayeredPipeline(transformer=parallel, vae=single.vae, prompt_encoder=single.prompt_encoder,
-                               scheduler_config=single.scheduler_config, device=single.device, dtype=single.dtype)
+                               noise_schedule_config=single.noise_schedule_config, device=single.device,
+                               dtype=single.dtype)
 
     async def scenario():
         engine = AsyncLayeredEngine(pipeline, EngineConfig(max_running=1))

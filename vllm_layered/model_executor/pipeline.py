@@ -45,7 +45,7 @@ from vllm_layered.model_executor.models.text_encoder import PromptEncoder
 from vllm_layered.model_executor.models.transformer import LayeredTransformer, TransformerConfig
 from vllm_layered.model_executor.models.vae import RGBAVAE
 from vllm_layered.model_executor.parallel import CheckpointTransformer, ParallelConfig, ParallelTransformer
-from vllm_layered.model_executor.sampler import SchedulerConfig, layered_mu, sigma_schedule
+from vllm_layered.model_executor.sampler import NoiseScheduleConfig, layered_mu, sigma_schedule
 
 MAX_LAYERS = 20
 MAX_STEPS = 1000
@@ -124,14 +124,14 @@ class LayeredPipeline:
         transformer: LayeredTransformer | ParallelTransformer,
         vae: RGBAVAE,
         prompt_encoder: PromptEncoder | None,
-        scheduler_config: SchedulerConfig,
+        noise_schedule_config: NoiseScheduleConfig,
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
         self.transformer = transformer
         self.vae = vae
         self.prompt_encoder = prompt_encoder
-        self.scheduler_config = scheduler_config
+        self.noise_schedule_config = noise_schedule_config
         self.device = device
         self.dtype = dtype
 
@@ -178,7 +178,7 @@ class LayeredPipeline:
             prompt_encoder=PromptEncoder.from_pretrained(root, device=device, dtype=dtype, load_format=load_format)
             if load_text_encoder
             else None,
-            scheduler_config=SchedulerConfig.from_json(root / "scheduler" / "scheduler_config.json"),
+            noise_schedule_config=NoiseScheduleConfig.from_json(root / "scheduler" / "scheduler_config.json"),
             device=device,
             dtype=dtype,
         )
@@ -257,7 +257,7 @@ class LayeredPipeline:
             condition_tokens=condition,
             prompt_embeds=prompt_embeds.to(self.device, self.dtype),
             negative_embeds=None if negative_embeds is None else negative_embeds.to(self.device, self.dtype),
-            sigmas=sigma_schedule(self.scheduler_config, params.num_inference_steps, layered_mu(h * w)),
+            sigmas=sigma_schedule(self.noise_schedule_config, params.num_inference_steps, layered_mu(h * w)),
             true_cfg_scale=params.true_cfg_scale,
             cfg_normalize=params.cfg_normalize,
         )
