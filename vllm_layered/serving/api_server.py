@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP server: FastAPI routes over an AsyncLayeredEngine.
+"""The OpenAI-compatible HTTP server: FastAPI routes over a ThreadedEngine.
 
 - POST /v1/images/edits         multipart (OpenAI's and vLLM-Omni's fields): image -> RGBA layers
 - POST /v1/images/generations   JSON, EXPERIMENTAL: text -> layers (the condition image is a fully
@@ -94,7 +94,7 @@ from vllm_layered.serving.tenants import (
 from vllm_layered.serving.uploads import CLOSE, ClientGone, read_form, read_json, wait_for_disconnect
 
 if TYPE_CHECKING:
-    from vllm_layered.serving.engine.engine import AsyncLayeredEngine
+    from vllm_layered.serving.engine.engine import ThreadedEngine
 
 logger = logging.getLogger(__name__)
 OVERLOAD_RETRY_AFTER_S = 1
@@ -156,7 +156,7 @@ class LayeredAPI:
 
     def __init__(
         self,
-        engine: AsyncLayeredEngine,
+        engine: ThreadedEngine,
         *,
         tenant_store: TenantStore,
         limits: ServerLimits,
@@ -526,7 +526,7 @@ def _json_body(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def build_app(
-    engine: AsyncLayeredEngine,
+    engine: ThreadedEngine,
     *,
     tenants: TenantRegistry | TenantStore,
     limits: ServerLimits,
@@ -632,7 +632,7 @@ def run_server(args: argparse.Namespace) -> int:
     from vllm_layered.cli import model_path, parallel_config, quantization
     from vllm_layered.model_executor.pipeline import LayeredPipeline
     from vllm_layered.model_executor.summary import describe_pipeline
-    from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig
+    from vllm_layered.serving.engine.engine import EngineConfig, ThreadedEngine
 
     metrics = ServingMetrics()
     store = build_tenant_store(
@@ -662,7 +662,7 @@ def run_server(args: argparse.Namespace) -> int:
         step_order=args.step_order,
         tenant_weights=store.tenants.weights(),
     )
-    engine = AsyncLayeredEngine(pipeline, config, observer=metrics)
+    engine = ThreadedEngine(pipeline, config, observer=metrics)
     app = build_app(
         engine, tenants=store, limits=limits, metrics=metrics,
         served_model_names=served_names, shutdown_grace_s=args.shutdown_grace,
