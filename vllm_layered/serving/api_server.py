@@ -29,8 +29,6 @@ import asyncio
 import importlib.util
 import logging
 import math
-import re
-import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -78,6 +76,7 @@ from vllm_layered.serving.protocol import (
     ModelList,
     ProgressData,
     decomposition_seeds,
+    resolve_request_id,
     validation_error,
 )
 from vllm_layered.serving.results import build_images_response
@@ -101,7 +100,6 @@ OVERLOAD_RETRY_AFTER_S = 1
 # Uploads decoded at once. A decode briefly holds about 8 bytes per input pixel (the RGBA image and the
 # premultiplied copy Pillow resizes: ~325 MB at 40 MP); the bound keeps that the same however many upload.
 DECODE_CONCURRENCY = 2
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _PACKAGE_MODULES = {"psd": "psd_tools", "pptx": "pptx"}
 _REJECTION_REASONS = {
     401: "unauthorized", 404: "model_not_found", 408: "body_timeout", 409: "conflict", 413: "too_large",
@@ -193,7 +191,7 @@ class LayeredAPI:
             self.metrics.record_api_request(UNAUTHENTICATED, endpoint, 401)
             raise
         try:
-            request_id = self._request_id(request)
+            request_id = resolve_request_id(request.headers)
             if not self.engine.has_queue_room(tenant.name):  # before reading (and decoding) any of the body
                 raise _overloaded("the waiting queue is full", close=True)
             admission = self.admission.admit(tenant)
@@ -230,15 +228,6 @@ class LayeredAPI:
     def _rejected(self, tenant: Tenant, endpoint: str, error: APIError) -> None:
         self.metrics.record_rejection(tenant.name, _rejection_reason(error))
         self.metrics.record_api_request(tenant.name, endpoint, error.status_code)
-
-    @staticmethod
-    def _request_id(request: Request) -> str:
-        given = request.headers.get("x-request-id")
-        if given is None:
-            return f"layers-{secrets.token_hex(12)}"
-        if not _REQUEST_ID.match(given):
-            raise APIError(400, "X-Request-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -", code="bad_request_id")
-        return given
 
     async def _read_edit(
         self, request: Request, tenant: Tenant
