@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from vllm_layered.cli import build_parser, quantization
+from vllm_layered.cli import build_parser
 from vllm_layered.kernels.cudnn_fp8_attention import MIN_CAPABILITY, cudnn_frontend_error
 from vllm_layered.kernels.fp8 import FP8_DTYPE
+from vllm_layered.model_args import quantization
 from vllm_layered.model_executor.forward_batch import ForwardBatch
 from vllm_layered.model_executor.models import fp8_attention
 from vllm_layered.model_executor.models.fp8_attention import check_attention_dtype, set_attention_dtype

@@ -615,11 +615,9 @@ def run_server(args: argparse.Namespace) -> int:
     """``vllm-layered serve``: load the model, build the engine and serve until interrupted."""
     from pathlib import Path
 
-    import torch
     import uvicorn
 
-    from vllm_layered.cli import model_path, parallel_config, quantization
-    from vllm_layered.model_executor.pipeline import LayeredPipeline
+    from vllm_layered.model_args import load_pipeline, quantization
     from vllm_layered.model_executor.summary import describe_pipeline
     from vllm_layered.serving.engine.engine import EngineConfig, ThreadedEngine
 
@@ -636,12 +634,7 @@ def run_server(args: argparse.Namespace) -> int:
         body_timeout_s=args.body_timeout,
         max_request_work=args.max_request_work,
     )
-    dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    root = model_path(args)
-    pipeline = LayeredPipeline.from_pretrained(
-        root, device=args.device, dtype=dtype, parallel=parallel_config(args),
-        quantization=quantization(args), attention_dtype=args.attention_dtype, load_format=args.load_format,
-    )
+    pipeline, root = load_pipeline(args)
     served_names = args.served_model_name or [args.model or Path(root).name]
     logger.info("serving %s", describe_pipeline(pipeline, model=args.model, quantization=quantization(args)))
     config = EngineConfig(
