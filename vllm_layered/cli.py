@@ -57,7 +57,7 @@ def _make_tiny_checkpoint(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from vllm_layered.model_args import check_device_flags
-    from vllm_layered.serving.api_server import run_server
+    from vllm_layered.serving.launcher import run_server
 
     check_device_flags(args)
     return run_server(args)

@@ -13,6 +13,7 @@ import pytest
 from tests.serving.redis_server import running_redis
 from tests.serving.test_tenants import write_keys
 from vllm_layered.cli import build_parser
+from vllm_layered.serving.launcher import build_tenant_store
 from vllm_layered.serving.metrics import ServingMetrics
 from vllm_layered.serving.redis_store import SETTINGS_KEY, RedisTenantStore, lease_key
 from vllm_layered.serving.tenant_store import (
@@ -20,7 +21,6 @@ from vllm_layered.serving.tenant_store import (
     LiveTenants,
     LocalTenantStore,
     TenantStoreUnavailableError,
-    build_tenant_store,
 )
 from vllm_layered.serving.tenants import AdmissionError, AuthenticationError, Tenant, TenantRegistry, hash_key
 

@@ -24,7 +24,6 @@ events: ``progress`` (queued with queue_position, started, step i of n, decoding
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import importlib.util
 import logging
@@ -82,7 +81,7 @@ from vllm_layered.serving.protocol import (
 from vllm_layered.serving.results import build_images_response
 from vllm_layered.serving.sse import HEADERS as SSE_HEADERS
 from vllm_layered.serving.sse import HEARTBEAT, sse_event
-from vllm_layered.serving.tenant_store import LiveTenants, LocalTenantStore, TenantStore, build_tenant_store
+from vllm_layered.serving.tenant_store import LiveTenants, LocalTenantStore, TenantStore
 from vllm_layered.serving.tenants import (
     Admission,
     AdmissionError,
@@ -609,48 +608,3 @@ def _install_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0]
         error = APIError(400, str(first.get("msg")), code="invalid_value", param=str(first["loc"][-1]))
         return JSONResponse(error.body(), status_code=400)
-
-
-def run_server(args: argparse.Namespace) -> int:
-    """``vllm-layered serve``: load the model, build the engine and serve until interrupted."""
-    from pathlib import Path
-
-    import uvicorn
-
-    from vllm_layered.model_args import load_pipeline, quantization
-    from vllm_layered.model_executor.summary import describe_pipeline
-    from vllm_layered.serving.engine.engine import EngineConfig, ThreadedEngine
-
-    metrics = ServingMetrics()
-    store = build_tenant_store(
-        api_keys=args.api_keys, url=args.tenant_store, fallback=args.tenant_store_fallback,
-        lease_ttl_s=args.tenant_lease_ttl, metrics=metrics,
-    )
-    limits = ServerLimits(
-        max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
-        max_pixels=args.max_pixels,
-        max_n=args.max_n,
-        request_timeout_s=args.request_timeout,
-        body_timeout_s=args.body_timeout,
-        max_request_work=args.max_request_work,
-    )
-    pipeline, root = load_pipeline(args)
-    served_names = args.served_model_name or [args.model or Path(root).name]
-    logger.info("serving %s", describe_pipeline(pipeline, model=args.model, quantization=quantization(args)))
-    config = EngineConfig(
-        model_name=served_names[0],
-        max_waiting=args.max_queue,
-        max_running=args.max_running,
-        step_order=args.step_order,
-        tenant_weights=store.tenants.weights(),
-    )
-    engine = ThreadedEngine(pipeline, config, observer=metrics)
-    app = build_app(
-        engine, tenants=store, limits=limits, metrics=metrics,
-        served_model_names=served_names, shutdown_grace_s=args.shutdown_grace,
-    )
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level=args.log_level, access_log=not args.no_access_log,
-        timeout_graceful_shutdown=args.shutdown_grace,
-    )
-    return 0
