@@ -49,7 +49,7 @@ def _add_parallel_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _make_tiny_checkpoint(args: argparse.Namespace) -> int:
-    from vllm_layered.model_executor.tiny_checkpoint import make_tiny_checkpoint
+    from vllm_layered.model_executor.model_loader.tiny_checkpoint import make_tiny_checkpoint
 
     print(make_tiny_checkpoint(args.dir, seed=args.seed, overwrite=args.overwrite))
     return 0

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from vllm_layered.model_executor.dummy_model import full_size_model_folder
+from vllm_layered.model_executor.model_loader.dummy_loader import full_size_model_folder
+from vllm_layered.model_executor.model_loader.tiny_checkpoint import default_model_path
 from vllm_layered.model_executor.parallel import ParallelConfig
 from vllm_layered.model_executor.pipeline import LayeredPipeline
-from vllm_layered.model_executor.tiny_checkpoint import default_model_path
 
 DTYPES: dict[str, torch.dtype | None] = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 

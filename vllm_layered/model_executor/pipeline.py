@@ -29,7 +29,6 @@ from vllm_layered.layer_tree import (
     plan_refinements,
 )
 from vllm_layered.model_executor.denoise import DenoiseState, apply_velocity, build_forward_batch
-from vllm_layered.model_executor.dummy_model import check_load_format
 from vllm_layered.model_executor.image_processing import (
     MAX_ASPECT_RATIO,
     ConditionImage,
@@ -41,6 +40,7 @@ from vllm_layered.model_executor.image_processing import (
     validate_resolution,
 )
 from vllm_layered.model_executor.latents import pack_latents, unpack_latents
+from vllm_layered.model_executor.model_loader.dummy_loader import check_load_format
 from vllm_layered.model_executor.models.text_encoder import PromptEncoder
 from vllm_layered.model_executor.models.transformer import LayeredTransformer, TransformerConfig
 from vllm_layered.model_executor.models.vae import RGBAVAE
@@ -154,7 +154,7 @@ class LayeredPipeline:
         ``quantization``: None / "none", or "fp8" for the transformer (every rank quantizes the same way).
         ``attention_dtype``: None / "bf16", or "fp8" (FP8 attention; needs quantization="fp8"; every rank too).
         ``load_format``: "safetensors", or "dummy" for the folder's configs with seeded random weights
-        (dummy_model.py; no weight file is read, so a config-only folder will do).
+        (model_loader/dummy_loader.py; no weight file is read, so a config-only folder will do).
         """
         check_load_format(load_format)
         root = resolve_model_path(path_or_id)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vllm_layered.model_executor.random_weights import random_weights
+from vllm_layered.model_executor.model_loader.random_weights import random_weights
 
 LOAD_FORMATS = ("safetensors", "dummy")
 DUMMY_SEED = 0
@@ -96,7 +96,7 @@ def dummy_text_encoder(folder: Path, *, device: torch.device, dtype: torch.dtype
 def full_size_model_folder() -> Path:
     """The config-only folder of the released model's geometry, written on first use beside the embedded tiny
     model (``$VLLM_LAYERED_CACHE``, default ``~/.cache/vllm-layered``)."""
-    from vllm_layered.model_executor.tiny_checkpoint import default_model_path
+    from vllm_layered.model_executor.model_loader.tiny_checkpoint import default_model_path
 
     tiny = default_model_path()
     path = tiny.parent / FULL_SIZE_DIRNAME
