@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_layered.model_executor.model_loader.dummy_loader import dummy_weights, full_size_model_folder
+from vllm_layered.model_executor.model_loader.dummy_checkpoint import full_size_model_folder
+from vllm_layered.model_executor.model_loader.dummy_loader import dummy_weights
 from vllm_layered.model_executor.model_loader.weight_loader import install_weights
 from vllm_layered.model_executor.models.fp8_linear import quantize_fp8
 from vllm_layered.model_executor.models.transformer import LayeredTransformer, TransformerConfig

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_layered.model_executor.model_loader.dummy_loader import full_size_model_folder
+from vllm_layered.model_executor.model_loader.dummy_checkpoint import full_size_model_folder
 from vllm_layered.model_executor.model_loader.tiny_checkpoint import default_model_path
 from vllm_layered.model_executor.parallel import ParallelConfig
 from vllm_layered.model_executor.pipeline import LayeredPipeline

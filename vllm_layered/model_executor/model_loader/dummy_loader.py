@@ -3,20 +3,12 @@
 Speed does not depend on weight values, so benchmarks and the GPU acceptance suite run the full-size model
 without the 54 GB download: every component is built from its config and each tensor is drawn by
 ``random_weights`` (seeded by component and tensor name), so two processes on the same kind of device build
-bit-identical models (an offline pipeline and a served one can be compared pixel for pixel).
-
-``full_size_model_folder()`` is the config-only folder of the released model's geometry (20.4B transformer,
-Qwen2.5-VL-7B text encoder, RGBA-VAE base_dim 96) in the official diffusers layout; the tokenizer and
-processor are the embedded tiny model's (their ids fit the 7B vocabulary).
+bit-identical models (an offline pipeline and a served one can be compared pixel for pixel). The configs of the
+released model's size are dummy_checkpoint.py's folder.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,42 +18,6 @@ from vllm_layered.model_executor.model_loader.random_weights import random_weigh
 
 LOAD_FORMATS = ("safetensors", "dummy")
 DUMMY_SEED = 0
-FULL_SIZE_DIRNAME = "qwen-image-layered-dummy"
-
-FULL_SIZE_VAE = {
-    "base_dim": 96,
-    "dim_mult": [1, 2, 4, 4],
-    "num_res_blocks": 2,
-    "attn_scales": [],
-    "temperal_downsample": [False, True, True],
-    "z_dim": 16,
-}
-# Qwen2.5-VL-7B-Instruct geometry (the text encoder of Qwen-Image).
-FULL_SIZE_TEXT = {
-    "vocab_size": 152064,
-    "hidden_size": 3584,
-    "intermediate_size": 18944,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "rms_norm_eps": 1e-6,
-    "max_position_embeddings": 128000,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-}
-FULL_SIZE_VISION = {
-    "depth": 32,
-    "hidden_size": 1280,
-    "intermediate_size": 3420,
-    "num_heads": 16,
-    "out_hidden_size": 3584,
-    "fullatt_block_indexes": [7, 15, 23, 31],
-    "patch_size": 14,
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-    "window_size": 112,
-    "tokens_per_second": 2,
-}
-_TOKEN_IDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 def check_load_format(load_format: str) -> str:
@@ -91,59 +47,3 @@ def dummy_text_encoder(folder: Path, *, device: torch.device, dtype: torch.dtype
         for name, tensor in dummy_weights(model, component="text_encoder", device=device, dtype=dtype, buffers=False):
             model.get_parameter(name).copy_(tensor)
     return model
-
-
-def full_size_model_folder() -> Path:
-    """The config-only folder of the released model's geometry, written on first use beside the embedded tiny
-    model (``$VLLM_LAYERED_CACHE``, default ``~/.cache/vllm-layered``)."""
-    from vllm_layered.model_executor.model_loader.tiny_checkpoint import default_model_path
-
-    tiny = default_model_path()
-    path = tiny.parent / FULL_SIZE_DIRNAME
-    configs = _full_size_configs(tiny)
-    if _holds(path, configs):
-        return path
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        for part in ("tokenizer", "processor", "scheduler"):
-            shutil.copytree(tiny / part, tmp / part)
-        shutil.copy(tiny / "model_index.json", tmp / "model_index.json")
-        for name, config in configs.items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.rename(tmp, path)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not _holds(path, configs):  # another process may have written it meanwhile
-            raise
-    return path
-
-
-def _full_size_configs(tiny: Path) -> dict[str, dict]:
-    from transformers import Qwen2_5_VLConfig
-
-    from vllm_layered.model_executor.models.transformer import TransformerConfig
-
-    transformer = json.loads((tiny / "transformer" / "config.json").read_text())
-    transformer.update({k: list(v) if isinstance(v, tuple) else v for k, v in asdict(TransformerConfig()).items()
-                        if k in transformer})
-    vae = {**json.loads((tiny / "vae" / "config.json").read_text()), **FULL_SIZE_VAE}
-    tiny_text = json.loads((tiny / "text_encoder" / "config.json").read_text())
-    special = {key: tiny_text["text_config"][key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    text = Qwen2_5_VLConfig(
-        text_config={**FULL_SIZE_TEXT, **special},
-        vision_config=FULL_SIZE_VISION,
-        tie_word_embeddings=False,
-        **{key: tiny_text[key] for key in _TOKEN_IDS},
-    ).to_dict()
-    configs = {"transformer/config.json": transformer, "vae/config.json": vae, "text_encoder/config.json": text}
-    return json.loads(json.dumps(configs))  # as they read back from disk
-
-
-def _holds(path: Path, configs: dict[str, dict]) -> bool:
-    try:
-        return all(json.loads((path / name).read_text()) == config for name, config in configs.items())
-    except (OSError, ValueError):
-        return False
