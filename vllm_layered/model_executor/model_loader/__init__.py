@@ -5,5 +5,6 @@
 - dummy_checkpoint.py: the released model's configs (no weights), what ``--load-format dummy`` loads by default;
 - random_weights.py: the seeded values both the dummy loader and the tiny checkpoint use;
 - tiny_checkpoint.py: the embedded default model, a tiny random checkpoint in the official folder layout,
-  written on first use (it ships on purpose: the CLI runs on a fresh machine with no download).
+  written on first use (it ships on purpose: the CLI runs on a fresh machine with no download);
+- folders.py: how those two folders are written (atomically) and reused (while their configs match).
 """

@@ -9,12 +9,11 @@ ids fit the 7B vocabulary).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from vllm_layered.model_executor.model_loader.folders import cached_folder, write_json
 from vllm_layered.model_executor.model_loader.tiny_checkpoint import default_model_path
 from vllm_layered.model_executor.models.transformer import TransformerConfig
 
@@ -60,26 +59,16 @@ def full_size_model_folder() -> Path:
     """The config-only folder of the released model's geometry, written on first use beside the embedded tiny
     model (``$VLLM_LAYERED_CACHE``, default ``~/.cache/vllm-layered``)."""
     tiny = default_model_path()
-    path = tiny.parent / FULL_SIZE_DIRNAME
     configs = _full_size_configs(tiny)
-    if _holds(path, configs):
-        return path
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+
+    def write(folder: Path) -> None:
         for part in ("tokenizer", "processor", "scheduler"):
-            shutil.copytree(tiny / part, tmp / part)
-        shutil.copy(tiny / "model_index.json", tmp / "model_index.json")
+            shutil.copytree(tiny / part, folder / part)
+        shutil.copy(tiny / "model_index.json", folder / "model_index.json")
         for name, config in configs.items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.rename(tmp, path)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not _holds(path, configs):  # another process may have written it meanwhile
-            raise
-    return path
+            write_json(folder / name, config)
+
+    return cached_folder(tiny.parent / FULL_SIZE_DIRNAME, configs, write)
 
 
 def _full_size_configs(tiny: Path) -> dict[str, dict]:
@@ -99,10 +88,3 @@ def _full_size_configs(tiny: Path) -> dict[str, dict]:
     ).to_dict()
     configs = {"transformer/config.json": transformer, "vae/config.json": vae, "text_encoder/config.json": text}
     return json.loads(json.dumps(configs))  # as they read back from disk
-
-
-def _holds(path: Path, configs: dict[str, dict]) -> bool:
-    try:
-        return all(json.loads((path / name).read_text()) == config for name, config in configs.items())
-    except (OSError, ValueError):
-        return False
