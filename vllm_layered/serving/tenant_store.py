@@ -62,10 +62,6 @@ class LiveTenants:
         self._listeners.append(listener)
 
     @property
-    def is_open(self) -> bool:
-        return self._registry.is_open
-
-    @property
     def tenants(self) -> dict[str, Tenant]:
         return self._registry.tenants
 
