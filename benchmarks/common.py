@@ -111,7 +111,7 @@ def gemm_tflops(n: int = 8192, dtype=torch.bfloat16) -> float:
 
 
 def forward_flops(seq_lens: list[int], dim: int = 3072, blocks: int = 60) -> float:
-    """DESIGN.md cost model: per sequence of L tokens, blocks * (24 dim^2 L + 4 L^2 dim)."""
+    """The cost model (docs/cost_model.md): per sequence of L tokens, blocks * (24 dim^2 L + 4 L^2 dim)."""
     return sum(blocks * (24 * dim**2 * L + 4 * L**2 * dim) for L in seq_lens)
 
 

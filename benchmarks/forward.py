@@ -2,7 +2,7 @@
 
 A CFG step is a conditional and an unconditional forward. diffusers runs them as two forwards (as its
 pipeline does); we pack both sequences into one forward. Every figure is next to the bf16 GEMM rate
-measured in the same run and the DESIGN.md cost model. The FP8 rows (quantization="fp8", sm89+) run a
+measured in the same run and the cost model (docs/cost_model.md). The FP8 rows (quantization="fp8", sm89+) run a
 second transformer sharing the bf16 one's unquantized tensors, on the same inputs; their velocity is
 compared with ours in bf16 ("+fa": torch._scaled_mm's fast accumulation).
 
