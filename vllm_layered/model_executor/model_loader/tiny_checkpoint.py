@@ -21,6 +21,8 @@ from torch import nn
 
 from vllm_layered.model_executor.model_loader.folders import cached_folder, write_atomically, write_json
 from vllm_layered.model_executor.model_loader.random_weights import random_weights
+from vllm_layered.model_executor.models.transformer import LayeredTransformer, TransformerConfig
+from vllm_layered.model_executor.models.vae import RGBAVAE, VAEConfig
 
 DIFFUSERS_VERSION = "0.36.0"
 TEXT_HIDDEN_SIZE = 64  # the text model's hidden size = the transformer's joint_attention_dim
@@ -200,12 +202,8 @@ def _write_checkpoint(root: Path, seed: int) -> None:
 def _meta_module(component: str, config_path: Path) -> nn.Module:
     """Our model module for a written config, built on the meta device (names and shapes only)."""
     if component == "transformer":
-        from vllm_layered.model_executor.models.transformer import LayeredTransformer, TransformerConfig
-
         with torch.device("meta"):
             return LayeredTransformer(config=TransformerConfig.from_json(config_path))
-    from vllm_layered.model_executor.models.vae import RGBAVAE, VAEConfig
-
     with torch.device("meta"):
         return RGBAVAE(config=VAEConfig.from_json(config_path))
 
