@@ -194,8 +194,8 @@ def section_c(args) -> None:
 def section_d(args) -> None:
     from benchmarks.common import fp8_transformer_sharing, random_transformer
     from benchmarks.forward import COND_TEXT, UNCOND_TEXT, inputs
-    from vllm_layered.model_executor.forward_batch import SequenceLayout
     from vllm_layered.model_executor.models.fp8_attention import set_attention_dtype
+    from vllm_layered.model_executor.sequence_layout import SequenceLayout
 
     models = {}
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from vllm_layered.model_executor.dummy_model import dummy_weights, full_size_model_folder
+from vllm_layered.model_executor.model_loader.dummy_checkpoint import full_size_model_folder
+from vllm_layered.model_executor.model_loader.dummy_loader import dummy_weights
+from vllm_layered.model_executor.model_loader.weight_loader import install_weights
 from vllm_layered.model_executor.models.fp8_linear import quantize_fp8
 from vllm_layered.model_executor.models.transformer import LayeredTransformer, TransformerConfig
-from vllm_layered.model_executor.weight_loader import install_weights
 
 
 def random_module(module_cls, config, *, component: str, device, dtype):
@@ -110,7 +111,7 @@ def gemm_tflops(n: int = 8192, dtype=torch.bfloat16) -> float:
 
 
 def forward_flops(seq_lens: list[int], dim: int = 3072, blocks: int = 60) -> float:
-    """DESIGN.md cost model: per sequence of L tokens, blocks * (24 dim^2 L + 4 L^2 dim)."""
+    """The cost model (docs/cost_model.md): per sequence of L tokens, blocks * (24 dim^2 L + 4 L^2 dim)."""
     return sum(blocks * (24 * dim**2 * L + 4 * L**2 * dim) for L in seq_lens)
 
 

@@ -6,7 +6,7 @@ text encoder, outside the timed region: "text encoding from given embeddings") a
 request: VAE encode of the condition image, every denoising step (CFG: two forwards each), VAE decode of the
 layers to PIL images.
 
-Compute floor (DESIGN.md cost model): the FLOPs of all transformer forwards of the request divided by the
+Compute floor (docs/cost_model.md): the FLOPs of all transformer forwards of the request divided by the
 bf16 GEMM rate measured in this run; each pipeline is reported as seconds, seconds / floor and floor % .
 
 With ``--fp8`` our pipeline is also timed with quantization='fp8' (FP8 GEMMs, bf16 attention), and with

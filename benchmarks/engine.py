@@ -31,7 +31,7 @@ from benchmarks.common import diffusers_transformer_sharing, fp8_pipeline_sharin
 from benchmarks.pipeline_step import CAPTION, random_pipeline  # noqa: E402
 from vllm_layered.model_executor.models.fp8_linear import QUANTIZATIONS  # noqa: E402
 from vllm_layered.model_executor.pipeline import GenerationParams  # noqa: E402
-from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig  # noqa: E402
+from vllm_layered.serving.engine.engine import EngineConfig, ThreadedEngine  # noqa: E402
 from vllm_layered.serving.engine.request import LayeredRequest  # noqa: E402
 from vllm_layered.serving.engine.scheduler import STEP_ORDERS  # noqa: E402
 
@@ -64,7 +64,7 @@ def summarize(name: str, latencies: list[float], makespan: float, layers: list[i
 async def run_engine(
     pipe, work, offsets, steps: int, max_running: int, step_order: str = "srpt"
 ) -> tuple[list[float], float]:
-    engine = AsyncLayeredEngine(pipe, EngineConfig(max_running=max_running, step_order=step_order))
+    engine = ThreadedEngine(pipe, EngineConfig(max_running=max_running, step_order=step_order))
     await engine.start()
     start = time.perf_counter()
 
@@ -105,7 +105,7 @@ def diffusers_pipeline(pipe):
 
     with torch.device("cuda"):
         vae = AutoencoderKLQwenImage(**full_size_vae_config()).to(torch.bfloat16)
-    cfg = pipe.scheduler_config
+    cfg = pipe.noise_schedule_config
     ref = QwenImageLayeredPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=cfg.use_dynamic_shifting,
                                                   time_shift_type=cfg.time_shift_type),

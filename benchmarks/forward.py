@@ -2,7 +2,7 @@
 
 A CFG step is a conditional and an unconditional forward. diffusers runs them as two forwards (as its
 pipeline does); we pack both sequences into one forward. Every figure is next to the bf16 GEMM rate
-measured in the same run and the DESIGN.md cost model. The FP8 rows (quantization="fp8", sm89+) run a
+measured in the same run and the cost model (docs/cost_model.md). The FP8 rows (quantization="fp8", sm89+) run a
 second transformer sharing the bf16 one's unquantized tensors, on the same inputs; their velocity is
 compared with ours in bf16 ("+fa": torch._scaled_mm's fast accumulation).
 
@@ -30,8 +30,9 @@ from benchmarks.common import (  # noqa: E402
     write_results,
 )
 from vllm_layered.kernels.fp8 import fp8_gemm, quantize_rows_ref  # noqa: E402
-from vllm_layered.model_executor.forward_batch import ForwardBatch, SequenceLayout  # noqa: E402
+from vllm_layered.model_executor.forward_batch import ForwardBatch  # noqa: E402
 from vllm_layered.model_executor.models.fp8_linear import Fp8Linear  # noqa: E402
+from vllm_layered.model_executor.sequence_layout import SequenceLayout  # noqa: E402
 
 COND_TEXT, UNCOND_TEXT = 200, 6  # a ~200-token caption; the negative prompt " " leaves 6 tokens
 

@@ -23,7 +23,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_results  # noqa: E402
-from vllm_layered.model_executor.dummy_model import full_size_model_folder  # noqa: E402
+from vllm_layered.model_executor.model_loader.dummy_checkpoint import full_size_model_folder  # noqa: E402
 from vllm_layered.model_executor.pipeline import GenerationParams, LayeredPipeline  # noqa: E402
 
 CAPTION = " ".join(["a red fox sitting on a wooden bench in a snowy park with pine trees"] * 14)

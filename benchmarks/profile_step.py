@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import bench_ms, random_transformer, write_results  # noqa: E402
 from benchmarks.forward import COND_TEXT, UNCOND_TEXT, inputs, set_backend  # noqa: E402
-from vllm_layered.model_executor.forward_batch import SequenceLayout  # noqa: E402
 from vllm_layered.model_executor.models.fp8_attention import ATTENTION_DTYPES, set_attention_dtype  # noqa: E402
 from vllm_layered.model_executor.models.fp8_linear import quantize_fp8  # noqa: E402
+from vllm_layered.model_executor.sequence_layout import SequenceLayout  # noqa: E402
 
 CATEGORIES = (  # first match wins
     ("attention", ("fmha", "flash", "cudnn", "attn", "sdpa")),

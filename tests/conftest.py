@@ -14,7 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from vllm_layered.model_executor.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
+from vllm_layered.model_executor.model_loader.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # one core per xdist worker: oversubscribed threads make CPU tests slower

@@ -144,7 +144,8 @@ def test_device_cuda_without_a_gpu(image, tmp_path):
 
 
 def test_parallel_flags_make_the_parallel_config():
-    from vllm_layered.cli import build_parser, parallel_config
+    from vllm_layered.cli import build_parser
+    from vllm_layered.model_args import parallel_config
     from vllm_layered.model_executor.parallel import ParallelConfig
 
     for command in (["serve"], ["decompose", "in.png"]):

@@ -18,67 +18,11 @@ from vllm_layered.decompose import DEFAULT_STEPS, EMBEDDED_MODEL_STEPS, CommandE
 def _decompose(args: argparse.Namespace) -> int:
     from vllm_layered.clients.output import resolve_output
     from vllm_layered.decompose import decompose
+    from vllm_layered.model_args import check_device_flags
 
     target = resolve_output(args.out, args.format, args.image)  # before loading anything
     check_device_flags(args)
-    return decompose(args, target, parallel=parallel_config(args), quantization=quantization(args))
-
-
-def check_device_flags(args: argparse.Namespace) -> None:
-    """Refuse, before loading anything, a --device this machine lacks and GPU-only flags on the CPU."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    try:
-        device = torch.device(args.device) if args.device else torch.device("cuda" if cuda else "cpu")
-    except RuntimeError as exc:
-        raise ValueError(f"--device {args.device}: {exc}") from exc
-    if device.type == "cuda" and not cuda:
-        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
-        raise ValueError(
-            f"--device {args.device}: no CUDA GPU is visible (torch {torch.__version__}, {build}); "
-            "leave --device out to run on the CPU"
-        )
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} GPU(s) visible, from cuda:0")
-    if device.type == "cpu":
-        gpu_only = [
-            flag
-            for flag, given in (
-                ("--quantization fp8", args.quantization == "fp8"),
-                ("--cfg-parallel", args.cfg_parallel),
-                (f"--sp-degree {args.sp_degree}", args.sp_degree > 1),
-            )
-            if given
-        ]
-        if gpu_only:
-            why = "--device cpu" if args.device else "no CUDA GPU is visible"
-            raise ValueError(f"{', '.join(gpu_only)}: GPU only, and this run is on the CPU ({why})")
-
-
-def model_path(args: argparse.Namespace, on_write: Callable[[Path], None] | None = None):
-    """--model; without it the embedded tiny model (``on_write(path)`` before it is first generated), or under
-    --load-format dummy the released model's configs."""
-    if args.model:
-        return args.model
-    if args.load_format == "dummy":
-        from vllm_layered.model_executor.dummy_model import full_size_model_folder
-
-        return full_size_model_folder()
-    from vllm_layered.model_executor.tiny_checkpoint import default_model_path
-
-    return default_model_path(on_write=on_write)
-
-
-def parallel_config(args: argparse.Namespace):
-    from vllm_layered.model_executor.parallel import ParallelConfig
-
-    return ParallelConfig(cfg_degree=2 if args.cfg_parallel else 1, sp_degree=args.sp_degree)
-
-
-def quantization(args: argparse.Namespace) -> str | None:
-    """The transformer's quantization from --quantization (None for "none")."""
-    return None if args.quantization == "none" else args.quantization
+    return decompose(args, target)
 
 
 def _add_quantization_argument(p: argparse.ArgumentParser) -> None:
@@ -105,14 +49,15 @@ def _add_parallel_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _make_tiny_checkpoint(args: argparse.Namespace) -> int:
-    from vllm_layered.model_executor.tiny_checkpoint import make_tiny_checkpoint
+    from vllm_layered.model_executor.model_loader.tiny_checkpoint import make_tiny_checkpoint
 
     print(make_tiny_checkpoint(args.dir, seed=args.seed, overwrite=args.overwrite))
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from vllm_layered.serving.api_server import run_server
+    from vllm_layered.model_args import check_device_flags
+    from vllm_layered.serving.launcher import run_server
 
     check_device_flags(args)
     return run_server(args)

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from vllm_layered.clients.output import OutputTarget
-    from vllm_layered.model_executor.parallel import ParallelConfig
 
 DEFAULT_STEPS = 50
 # The embedded tiny model's layers are noise whatever the step count: few steps keep its first run short.
@@ -24,19 +23,16 @@ class CommandError(Exception):
     """A command cannot go on; the CLI prints the message, with no traceback."""
 
 
-def decompose(
-    args: argparse.Namespace, target: OutputTarget, *, parallel: ParallelConfig, quantization: str | None
-) -> int:
+def decompose(args: argparse.Namespace, target: OutputTarget) -> int:
     """Run ``decompose`` with its parsed ``args``; ``target`` is where the layers go (checked already)."""
-    import torch
     from tqdm import tqdm
 
-    from vllm_layered.cli import model_path
     from vllm_layered.clients.output import resize_layers
+    from vllm_layered.model_args import load_pipeline, quantization
     from vllm_layered.model_executor.export import save_layers
     from vllm_layered.model_executor.image_processing import bucket_size, load_image
     from vllm_layered.model_executor.models.text_encoder import CaptionUnavailableError
-    from vllm_layered.model_executor.pipeline import GenerationParams, LayeredPipeline
+    from vllm_layered.model_executor.pipeline import GenerationParams
     from vllm_layered.model_executor.summary import describe_pipeline
 
     # check the input before loading a 54 GB model
@@ -54,14 +50,9 @@ def decompose(
         stages.say(f"no --model: the embedded tiny random model, {steps} steps; its layers are noise (for real "
                    "layers pass --model Qwen/Qwen-Image-Layered)")
     stages.begin("load")
-    model = model_path(args, on_write=lambda path: stages.say(f"first use: writing it to {path}"))
-    dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    pipe = LayeredPipeline.from_pretrained(
-        model, device=args.device, dtype=dtype, parallel=parallel, quantization=quantization,
-        attention_dtype=args.attention_dtype, load_format=args.load_format,
-    )
+    pipe, _ = load_pipeline(args, on_write=lambda path: stages.say(f"first use: writing it to {path}"))
     stages.end()
-    stages.say(f"model: {describe_pipeline(pipe, model=args.model, quantization=quantization)}")
+    stages.say(f"model: {describe_pipeline(pipe, model=args.model, quantization=quantization(args))}")
     stages.say(_size_note(image.size, bucket, args.resolution, args.keep_size))
     prompt = args.prompt
     if not prompt or not prompt.strip():

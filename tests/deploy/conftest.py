@@ -9,7 +9,7 @@ from tests.deploy.helpers import exported_series
 from tests.serving.helpers import png_bytes
 from vllm_layered.model_executor.pipeline import LayeredPipeline
 from vllm_layered.serving.api_server import build_app
-from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig
+from vllm_layered.serving.engine.engine import EngineConfig, ThreadedEngine
 from vllm_layered.serving.limits import ServerLimits
 from vllm_layered.serving.metrics import ServingMetrics
 from vllm_layered.serving.tenants import TenantRegistry
@@ -21,7 +21,7 @@ def server_series(tiny_checkpoint) -> dict[str, str]:
     tiny model, its ServingMetrics wired as the engine's observer the way `vllm-layered serve` does."""
     pipeline = LayeredPipeline.from_pretrained(tiny_checkpoint, device="cpu")
     metrics = ServingMetrics()
-    engine = AsyncLayeredEngine(pipeline, EngineConfig(), observer=metrics)
+    engine = ThreadedEngine(pipeline, EngineConfig(), observer=metrics)
     app = build_app(engine, tenants=TenantRegistry.open(), limits=ServerLimits(), metrics=metrics,
                     shutdown_grace_s=0.1)
     with TestClient(app) as http:

@@ -114,7 +114,7 @@ def release_gpu_memory() -> None:
 @pytest.fixture(scope="module")
 def full_pipeline():
     """The released model's size with dummy weights, bf16 on cuda:0 (freed when the module ends)."""
-    from vllm_layered.model_executor.dummy_model import full_size_model_folder
+    from vllm_layered.model_executor.model_loader.dummy_checkpoint import full_size_model_folder
 
     pipeline = LayeredPipeline.from_pretrained(full_size_model_folder(), device="cuda:0", dtype=torch.bfloat16,
                                                load_format="dummy")

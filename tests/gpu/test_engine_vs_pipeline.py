@@ -11,7 +11,7 @@ import asyncio
 import pytest
 
 from tests.gpu.conftest import CASES, layer_diff, measured, needs_cuda
-from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig
+from vllm_layered.serving.engine.engine import EngineConfig, ThreadedEngine
 from vllm_layered.serving.engine.observer import EngineObserver
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
@@ -48,7 +48,7 @@ def offline(pipeline):
 
 def serve(pipe, requests, observer=None):
     async def run():
-        engine = AsyncLayeredEngine(pipe, EngineConfig(token_budget=1 << 16), observer=observer)
+        engine = ThreadedEngine(pipe, EngineConfig(token_budget=1 << 16), observer=observer)
         await engine.start()
         try:
             handles = [engine.submit(r) for r in requests]

@@ -40,7 +40,7 @@ def one_gpu(variants):
 
 @pytest.mark.parametrize("cfg_degree,sp_degree,quantization", [(2, 1, "none"), (1, 2, "none"), (2, 1, "fp8")])
 def test_parallel_engine_serves_what_one_gpu_serves(variants, one_gpu, cfg_degree, sp_degree, quantization):
-    from vllm_layered.model_executor.dummy_model import full_size_model_folder
+    from vllm_layered.model_executor.model_loader.dummy_checkpoint import full_size_model_folder
 
     pipe = copy.copy(variants[quantization])
     factory = CheckpointTransformer(full_size_model_folder() / "transformer", torch.bfloat16,

@@ -19,7 +19,7 @@ CASE = CASES[0]  # 640 bucket, 2 layers, CFG, 3 steps: the request that showed t
 @pytest.fixture(scope="module")
 def expected():
     """The offline layers, computed and the pipeline freed before the server takes the GPU."""
-    from vllm_layered.model_executor.dummy_model import full_size_model_folder
+    from vllm_layered.model_executor.model_loader.dummy_checkpoint import full_size_model_folder
     from vllm_layered.model_executor.pipeline import LayeredPipeline
 
     pipeline = LayeredPipeline.from_pretrained(full_size_model_folder(), device="cuda:0", load_format="dummy")

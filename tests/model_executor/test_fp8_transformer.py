@@ -8,16 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from vllm_layered.cli import build_parser, quantization
+from vllm_layered.cli import build_parser
 from vllm_layered.kernels.cudnn_fp8_attention import MIN_CAPABILITY, cudnn_frontend_error
 from vllm_layered.kernels.fp8 import FP8_DTYPE
-from vllm_layered.model_executor.forward_batch import ForwardBatch, SequenceLayout
+from vllm_layered.model_args import quantization
+from vllm_layered.model_executor.forward_batch import ForwardBatch
 from vllm_layered.model_executor.models import fp8_attention
 from vllm_layered.model_executor.models.fp8_attention import check_attention_dtype, set_attention_dtype
 from vllm_layered.model_executor.models.fp8_linear import FP8_LAYERS, Fp8Linear, check_quantization, quantize_fp8
 from vllm_layered.model_executor.models.transformer import LayeredTransformer
 from vllm_layered.model_executor.parallel import CheckpointTransformer
 from vllm_layered.model_executor.pipeline import LayeredPipeline
+from vllm_layered.model_executor.sequence_layout import SequenceLayout
 
 LAYOUTS = [SequenceLayout(text_len=9, layers=3, height=4, width=6), SequenceLayout(text_len=3, layers=3, height=4,
                                                                                      width=6)]

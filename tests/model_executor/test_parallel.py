@@ -10,14 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from vllm_layered.model_executor.forward_batch import ForwardBatch, PackedMetadata, SequenceLayout
+from vllm_layered.model_executor.forward_batch import ForwardBatch, PackedMetadata
 from vllm_layered.model_executor.models.transformer import LayeredTransformer
 from vllm_layered.model_executor.parallel import CheckpointTransformer, ParallelConfig, ParallelTransformer
 from vllm_layered.model_executor.parallel.executor import output_rows, split_sequences
 from vllm_layered.model_executor.parallel.ulysses import UlyssesExchange
 from vllm_layered.model_executor.pipeline import GenerationParams, LayeredPipeline
 from vllm_layered.model_executor.sampler import model_timestep
-from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig
+from vllm_layered.model_executor.sequence_layout import SequenceLayout
+from vllm_layered.serving.engine.engine import EngineConfig, ThreadedEngine
 from vllm_layered.serving.engine.request import EngineError, LayeredRequest, RequestCancelledError
 
 LAYOUTS = [  # three requests' worth of sequences: different text lengths, layer counts and sizes
@@ -150,11 +151,11 @@ def test_a_dead_rank_fails_fast_and_makes_the_engine_unhealthy(tiny_checkpoint, 
     model, batch, _ = reference
     factory = CheckpointTransformer(tiny_checkpoint / "transformer", torch.float32)
     parallel = ParallelTransformer.launch(model, factory, ParallelConfig(sp_degree=2), torch.device("cpu"))
-    pipeline = LayeredPipeline(transformer=parallel, vae=None, prompt_encoder=None, scheduler_config=None,
+    pipeline = LayeredPipeline(transformer=parallel, vae=None, prompt_encoder=None, noise_schedule_config=None,
                                device=torch.device("cpu"), dtype=torch.float32)
 
     async def scenario():
-        engine = AsyncLayeredEngine(pipeline, EngineConfig(token_budget=1 << 16))
+        engine = ThreadedEngine(pipeline, EngineConfig(token_budget=1 << 16))
         await engine.start()
         before = engine.is_healthy()
         worker = parallel._workers[0]
@@ -245,10 +246,11 @@ def test_a_worker_killed_mid_forward_fails_every_request_fast(tiny_checkpoint, t
     factory = HangingTransformer(CheckpointTransformer(tiny_checkpoint / "transformer", torch.float32), marker)
     parallel = ParallelTransformer.launch(single.transformer, factory, ParallelConfig(sp_degree=2), single.device)
     pipeline = LayeredPipeline(transformer=parallel, vae=single.vae, prompt_encoder=single.prompt_encoder,
-                               scheduler_config=single.scheduler_config, device=single.device, dtype=single.dtype)
+                               noise_schedule_config=single.noise_schedule_config, device=single.device,
+                               dtype=single.dtype)
 
     async def scenario():
-        engine = AsyncLayeredEngine(pipeline, EngineConfig(max_running=1))
+        engine = ThreadedEngine(pipeline, EngineConfig(max_running=1))
         await engine.start()
         handles = [engine.submit(LayeredRequest(f"r{i}", random_image(64, 64, i), GenerationParams(
             layers=1, num_inference_steps=2, true_cfg_scale=1.0), prompt="a cat", seed=i)) for i in range(2)]
@@ -346,7 +348,7 @@ def test_engine_drives_the_parallel_transformer(pipelines):
         ]
 
     async def serve(pipeline):
-        engine = AsyncLayeredEngine(pipeline, EngineConfig())
+        engine = ThreadedEngine(pipeline, EngineConfig())
         await engine.start()
         outputs = await asyncio.gather(*(engine.submit(r).result() for r in requests()))
         await engine.shutdown(1)

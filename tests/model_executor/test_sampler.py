@@ -7,7 +7,7 @@ import torch
 from tests.reference import import_reference
 from vllm_layered.model_executor.latents import pack_latents, unpack_latents
 from vllm_layered.model_executor.sampler import (
-    SchedulerConfig,
+    NoiseScheduleConfig,
     combine_cfg,
     euler_step,
     layered_mu,
@@ -32,7 +32,7 @@ def test_schedule_matches_diffusers(config, steps, condition_tokens):
     ref = FlowMatchEulerDiscreteScheduler(**config)
     mu = layered_mu(condition_tokens)
     ref.set_timesteps(sigmas=np.linspace(1.0, 0, steps + 1)[:-1], mu=mu)
-    ours = sigma_schedule(SchedulerConfig(**config), steps, mu)
+    ours = sigma_schedule(NoiseScheduleConfig(**config), steps, mu)
     if steps == 1 and config.get("shift_terminal"):  # the reference divides by zero here and returns NaN
         assert torch.equal(ours, torch.tensor([1.0, 0.0]))
         return
@@ -81,6 +81,6 @@ def test_packing_matches_reference_and_roundtrips(frames, h, w):
 
 def test_bad_schedule_inputs():
     with pytest.raises(ValueError, match="at least 1"):
-        sigma_schedule(SchedulerConfig(), 0, 2.5)
+        sigma_schedule(NoiseScheduleConfig(), 0, 2.5)
     with pytest.raises(ValueError, match="time_shift_type"):
-        SchedulerConfig(time_shift_type="cosine")
+        NoiseScheduleConfig(time_shift_type="cosine")

@@ -25,11 +25,12 @@ LONG = (
 )
 
 
-def require_torchvision() -> None:
-    """Captioning needs transformers' Qwen2VLProcessor, which needs torchvision: skip, saying why, without it."""
+def require_reference_captions() -> None:
+    """The reference captions with transformers' full Qwen2VLProcessor, which needs torchvision: skip the comparison,
+    saying why, without it. (Our captioning does not need torchvision: test_caption_processor.py runs it without.)"""
     problem = te._torchvision_problem()
     if problem is not None:
-        pytest.skip(f"captioning needs torchvision, which cannot be imported here ({problem})")
+        pytest.skip(f"the reference's captioning needs torchvision, which cannot be imported here ({problem})")
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,7 @@ def test_caption_without_the_processor_explains_and_remembers(
 
 
 def test_caption(encoder: PromptEncoder, reference) -> None:
-    require_torchvision()
+    require_reference_captions()
     image = Image.new("RGBA", (96, 64), (200, 30, 30, 255))
     for use_en_prompt in (True, False):
         caption = encoder.caption(image, use_en_prompt=use_en_prompt)
@@ -174,7 +175,7 @@ def test_empty_prompt_is_captioned_from_what_the_reference_captions(
     tiny_checkpoint: Path, reference, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The reference captions the input resized to its bucket (Lanczos, RGBA as given), not the upload."""
-    require_torchvision()
+    require_reference_captions()
     rng = np.random.default_rng(3)
     image = Image.fromarray(rng.integers(0, 256, (64, 96, 4), dtype=np.uint8))  # its 640 bucket: 768x512
     seen: dict[str, object] = {}

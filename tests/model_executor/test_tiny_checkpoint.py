@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from tests.reference import import_reference
-from vllm_layered.model_executor import tiny_checkpoint as tiny
+from vllm_layered.model_executor.model_loader import tiny_checkpoint as tiny
 
 diffusers = import_reference()
 

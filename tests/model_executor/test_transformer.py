@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from tests.reference import import_reference
-from vllm_layered.model_executor.forward_batch import ForwardBatch, SequenceLayout
+from vllm_layered.model_executor.forward_batch import ForwardBatch
+from vllm_layered.model_executor.model_loader.weight_loader import WeightLoadError
 from vllm_layered.model_executor.models.transformer import LayeredTransformer
-from vllm_layered.model_executor.weight_loader import WeightLoadError
+from vllm_layered.model_executor.sequence_layout import SequenceLayout
 
 QwenImageTransformer2DModel = import_reference().QwenImageTransformer2DModel
 

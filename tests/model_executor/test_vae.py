@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.reference import import_reference
+from vllm_layered.model_executor.model_loader.weight_loader import WeightLoadError
 from vllm_layered.model_executor.models.vae import RGBAVAE, CausalConv3d, VAEConfig
-from vllm_layered.model_executor.weight_loader import WeightLoadError
 
 AutoencoderKLQwenImage = import_reference().AutoencoderKLQwenImage
 QwenImageCausalConv3d = import_reference("diffusers.models.autoencoders.autoencoder_kl_qwenimage").QwenImageCausalConv3d

@@ -1,7 +1,7 @@
 """Test-only vLLM-Omni general plugin: a fixed caption per language in the servers the tests start.
 
-Captioning an empty prompt needs transformers' Qwen2VLProcessor, which needs torchvision; torchvision
-does not load in this environment. Where ``FAKE_CAPTION_ENV`` is set, ``LayeredPipeline.caption`` returns
+The embedded tiny model captions an empty prompt with random tokens, which do not show which instruction
+(English or Chinese) it was given. Where ``FAKE_CAPTION_ENV`` is set, ``LayeredPipeline.caption`` returns
 ``CAPTIONS[use_en_prompt]`` instead, so a request shows which language its pipeline was asked for.
 """
 

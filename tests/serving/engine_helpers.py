@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from vllm_layered.model_executor.pipeline import GenerationParams
-from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig
+from vllm_layered.serving.engine.engine import EngineConfig, ThreadedEngine
 from vllm_layered.serving.engine.observer import EngineObserver
 from vllm_layered.serving.engine.request import LayeredRequest, ProgressEvent, RequestHandle
 
@@ -55,8 +55,8 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, timeout=300))
 
 
-async def started_engine(pipeline, observer=None, **config) -> AsyncLayeredEngine:
-    engine = AsyncLayeredEngine(pipeline, EngineConfig(**config), observer=observer)
+async def started_engine(pipeline, observer=None, **config) -> ThreadedEngine:
+    engine = ThreadedEngine(pipeline, EngineConfig(**config), observer=observer)
     await engine.start()
     return engine
 

@@ -13,7 +13,7 @@ from tests.serving.helpers import assert_error, png_bytes
 from vllm_layered.model_executor.pipeline import LayeredPipeline
 from vllm_layered.serving import api_server
 from vllm_layered.serving.api_server import build_app
-from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig
+from vllm_layered.serving.engine.engine import EngineConfig, ThreadedEngine
 from vllm_layered.serving.engine.request import RequestCancelledError
 from vllm_layered.serving.limits import ServerLimits
 from vllm_layered.serving.tenants import TenantRegistry
@@ -111,7 +111,7 @@ def test_cancel_while_decoding_stops_after_the_chunk_in_flight(pipeline, monkeyp
 
 def test_a_cancel_after_the_last_chunk_drops_the_result(pipeline, monkeypatch):
     """The cancel lands on the aux thread between the last decoded chunk and the hand-over of the result."""
-    engines: list[AsyncLayeredEngine] = []
+    engines: list[ThreadedEngine] = []
     decode_chunks = pipeline.decode_chunks
 
     def cancelled_after_the_last(state, chunk):
@@ -149,7 +149,7 @@ def test_delete_answers_whether_it_cancelled(pipeline, monkeypatch):
     monkeypatch.setattr(pipeline.vae, "decode", decode.wrap(pipeline.vae.decode))
     respond = Gate()
     monkeypatch.setattr(api_server, "build_images_response", respond.wrap(api_server.build_images_response))
-    engine = AsyncLayeredEngine(pipeline, EngineConfig())
+    engine = ThreadedEngine(pipeline, EngineConfig())
     app = build_app(engine, tenants=TenantRegistry.open(), limits=ServerLimits(), shutdown_grace_s=0.1)
     results: list = []
     with TestClient(app) as http:

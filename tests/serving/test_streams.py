@@ -14,7 +14,7 @@ import torch
 import vllm_layered.model_executor.pipeline as pipeline_module
 from tests.serving.engine_helpers import request
 from vllm_layered.model_executor.pipeline import LayeredPipeline
-from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig
+from vllm_layered.serving.engine.engine import EngineConfig, ThreadedEngine
 from vllm_layered.serving.engine.streams import Handoff
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -99,7 +99,7 @@ def test_engine_layers_equal_the_offline_pipeline_with_slow_streams(tiny_checkpo
     monkeypatch.setattr(pipe, "prepare", slow_prepare)
 
     async def serve():
-        engine = AsyncLayeredEngine(pipe, EngineConfig())
+        engine = ThreadedEngine(pipe, EngineConfig())
         await engine.start()
         try:
             return (await engine.submit(req).result()).layers

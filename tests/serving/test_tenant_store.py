@@ -13,6 +13,7 @@ import pytest
 from tests.serving.redis_server import running_redis
 from tests.serving.test_tenants import write_keys
 from vllm_layered.cli import build_parser
+from vllm_layered.serving.launcher import build_tenant_store
 from vllm_layered.serving.metrics import ServingMetrics
 from vllm_layered.serving.redis_store import SETTINGS_KEY, RedisTenantStore, lease_key
 from vllm_layered.serving.tenant_store import (
@@ -20,7 +21,6 @@ from vllm_layered.serving.tenant_store import (
     LiveTenants,
     LocalTenantStore,
     TenantStoreUnavailableError,
-    build_tenant_store,
 )
 from vllm_layered.serving.tenants import AdmissionError, AuthenticationError, Tenant, TenantRegistry, hash_key
 
@@ -332,15 +332,17 @@ def test_local_store_reloads_the_keys_file(tmp_path):
 
 def test_live_tenants_serve_the_current_registry():
     live = LiveTenants(TenantRegistry.open())
-    assert live.is_open and live.authenticate(None).name == "default"
+    assert live.authenticate(None).name == "default"
     live.replace(TenantRegistry([Tenant("a", weight=2.0)], {hash_key("k"): "a"}))
-    assert not live.is_open and live.authenticate("Bearer k").name == "a" and live.weights() == {"a": 2.0}
+    assert live.authenticate("Bearer k").name == "a" and live.weights() == {"a": 2.0}
+    with pytest.raises(AuthenticationError):  # keys are asked for from now on
+        live.authenticate(None)
 
 
 def test_build_tenant_store_checks_its_flags(tmp_path, redis_url):
     path = Path(write_keys(tmp_path, [tenant_entry("t", "k")]))
     assert isinstance(build_tenant_store(api_keys=None), LocalTenantStore)
-    assert build_tenant_store(api_keys=None).tenants.is_open
+    assert build_tenant_store(api_keys=None).tenants.authenticate(None).name == "default"  # open: no keys
     with pytest.raises(ValueError, match="--api-keys"):
         build_tenant_store(api_keys=None, url=redis_url)
     with pytest.raises(ValueError, match="redis://"):

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_layered.model_executor.forward_batch import ForwardBatch, SequenceLayout
+from vllm_layered.model_executor.forward_batch import ForwardBatch
 from vllm_layered.model_executor.sampler import combine_cfg, euler_step, model_timestep
+from vllm_layered.model_executor.sequence_layout import SequenceLayout
 
 
 @dataclass

@@ -29,7 +29,6 @@ from vllm_layered.layer_tree import (
     plan_refinements,
 )
 from vllm_layered.model_executor.denoise import DenoiseState, apply_velocity, build_forward_batch
-from vllm_layered.model_executor.dummy_model import check_load_format
 from vllm_layered.model_executor.image_processing import (
     MAX_ASPECT_RATIO,
     ConditionImage,
@@ -41,11 +40,12 @@ from vllm_layered.model_executor.image_processing import (
     validate_resolution,
 )
 from vllm_layered.model_executor.latents import pack_latents, unpack_latents
+from vllm_layered.model_executor.model_loader.dummy_loader import check_load_format
 from vllm_layered.model_executor.models.text_encoder import PromptEncoder
 from vllm_layered.model_executor.models.transformer import LayeredTransformer, TransformerConfig
 from vllm_layered.model_executor.models.vae import RGBAVAE
 from vllm_layered.model_executor.parallel import CheckpointTransformer, ParallelConfig, ParallelTransformer
-from vllm_layered.model_executor.sampler import SchedulerConfig, layered_mu, sigma_schedule
+from vllm_layered.model_executor.sampler import NoiseScheduleConfig, layered_mu, sigma_schedule
 
 MAX_LAYERS = 20
 MAX_STEPS = 1000
@@ -124,14 +124,14 @@ class LayeredPipeline:
         transformer: LayeredTransformer | ParallelTransformer,
         vae: RGBAVAE,
         prompt_encoder: PromptEncoder | None,
-        scheduler_config: SchedulerConfig,
+        noise_schedule_config: NoiseScheduleConfig,
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
         self.transformer = transformer
         self.vae = vae
         self.prompt_encoder = prompt_encoder
-        self.scheduler_config = scheduler_config
+        self.noise_schedule_config = noise_schedule_config
         self.device = device
         self.dtype = dtype
 
@@ -154,7 +154,7 @@ class LayeredPipeline:
         ``quantization``: None / "none", or "fp8" for the transformer (every rank quantizes the same way).
         ``attention_dtype``: None / "bf16", or "fp8" (FP8 attention; needs quantization="fp8"; every rank too).
         ``load_format``: "safetensors", or "dummy" for the folder's configs with seeded random weights
-        (dummy_model.py; no weight file is read, so a config-only folder will do).
+        (model_loader/dummy_loader.py; no weight file is read, so a config-only folder will do).
         """
         check_load_format(load_format)
         root = resolve_model_path(path_or_id)
@@ -178,7 +178,7 @@ class LayeredPipeline:
             prompt_encoder=PromptEncoder.from_pretrained(root, device=device, dtype=dtype, load_format=load_format)
             if load_text_encoder
             else None,
-            scheduler_config=SchedulerConfig.from_json(root / "scheduler" / "scheduler_config.json"),
+            noise_schedule_config=NoiseScheduleConfig.from_json(root / "scheduler" / "scheduler_config.json"),
             device=device,
             dtype=dtype,
         )
@@ -257,7 +257,7 @@ class LayeredPipeline:
             condition_tokens=condition,
             prompt_embeds=prompt_embeds.to(self.device, self.dtype),
             negative_embeds=None if negative_embeds is None else negative_embeds.to(self.device, self.dtype),
-            sigmas=sigma_schedule(self.scheduler_config, params.num_inference_steps, layered_mu(h * w)),
+            sigmas=sigma_schedule(self.noise_schedule_config, params.num_inference_steps, layered_mu(h * w)),
             true_cfg_scale=params.true_cfg_scale,
             cfg_normalize=params.cfg_normalize,
         )

@@ -9,12 +9,9 @@ pairs); a pair (2k, 2k+1) is rotated by ``position * theta**(-2j/axis_dim)``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from vllm_layered.model_executor.forward_batch import SequenceLayout
+from vllm_layered.model_executor.sequence_layout import SequenceLayout
 
 
 def _centred(n: int) -> torch.Tensor:

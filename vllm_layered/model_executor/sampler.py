@@ -18,7 +18,10 @@ import torch
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class NoiseScheduleConfig:
+    """The sigma schedule's settings, read from the checkpoint's ``scheduler/scheduler_config.json`` (diffusers
+    calls the noise schedule a scheduler; here "scheduler" is the request scheduler, serving/engine/scheduler.py)."""
+
     num_train_timesteps: int = 1000
     shift: float = 1.0
     use_dynamic_shifting: bool = True
@@ -30,7 +33,7 @@ class SchedulerConfig:
             raise ValueError(f"time_shift_type must be 'linear' or 'exponential', got {self.time_shift_type!r}")
 
     @classmethod
-    def from_json(cls, path: str | Path) -> SchedulerConfig:
+    def from_json(cls, path: str | Path) -> NoiseScheduleConfig:
         raw = json.loads(Path(path).read_text())
         unsupported = [
             k
@@ -48,7 +51,7 @@ def layered_mu(condition_tokens: int) -> float:
     return (condition_tokens / 256) ** 0.5
 
 
-def sigma_schedule(config: SchedulerConfig, num_steps: int, mu: float) -> torch.Tensor:
+def sigma_schedule(config: NoiseScheduleConfig, num_steps: int, mu: float) -> torch.Tensor:
     """float32 [num_steps + 1]: the sigma of every step, then the terminal 0."""
     if num_steps < 1:
         raise ValueError(f"num_inference_steps must be at least 1, got {num_steps}")

@@ -10,9 +10,9 @@ import os
 
 import torch
 
+from vllm_layered.model_executor.model_loader.tiny_checkpoint import default_model_dir
 from vllm_layered.model_executor.parallel import ParallelTransformer
 from vllm_layered.model_executor.pipeline import LayeredPipeline
-from vllm_layered.model_executor.tiny_checkpoint import default_model_dir
 
 
 def _describe_model(model: str | os.PathLike | None) -> str:

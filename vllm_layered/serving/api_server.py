@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP server: FastAPI routes over an AsyncLayeredEngine.
+"""The OpenAI-compatible HTTP server: FastAPI routes over a ThreadedEngine.
 
 - POST /v1/images/edits         multipart (OpenAI's and vLLM-Omni's fields): image -> RGBA layers
 - POST /v1/images/generations   JSON, EXPERIMENTAL: text -> layers (the condition image is a fully
@@ -24,13 +24,10 @@ events: ``progress`` (queued with queue_position, started, step i of n, decoding
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import importlib.util
 import logging
 import math
-import re
-import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -78,12 +75,13 @@ from vllm_layered.serving.protocol import (
     ModelList,
     ProgressData,
     decomposition_seeds,
+    resolve_request_id,
     validation_error,
 )
 from vllm_layered.serving.results import build_images_response
 from vllm_layered.serving.sse import HEADERS as SSE_HEADERS
 from vllm_layered.serving.sse import HEARTBEAT, sse_event
-from vllm_layered.serving.tenant_store import LiveTenants, LocalTenantStore, TenantStore, build_tenant_store
+from vllm_layered.serving.tenant_store import LiveTenants, LocalTenantStore, TenantStore
 from vllm_layered.serving.tenants import (
     Admission,
     AdmissionError,
@@ -94,14 +92,13 @@ from vllm_layered.serving.tenants import (
 from vllm_layered.serving.uploads import CLOSE, ClientGone, read_form, read_json, wait_for_disconnect
 
 if TYPE_CHECKING:
-    from vllm_layered.serving.engine.engine import AsyncLayeredEngine
+    from vllm_layered.serving.engine.engine import ThreadedEngine
 
 logger = logging.getLogger(__name__)
 OVERLOAD_RETRY_AFTER_S = 1
 # Uploads decoded at once. A decode briefly holds about 8 bytes per input pixel (the RGBA image and the
 # premultiplied copy Pillow resizes: ~325 MB at 40 MP); the bound keeps that the same however many upload.
 DECODE_CONCURRENCY = 2
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _PACKAGE_MODULES = {"psd": "psd_tools", "pptx": "pptx"}
 _REJECTION_REASONS = {
     401: "unauthorized", 404: "model_not_found", 408: "body_timeout", 409: "conflict", 413: "too_large",
@@ -156,7 +153,7 @@ class LayeredAPI:
 
     def __init__(
         self,
-        engine: AsyncLayeredEngine,
+        engine: ThreadedEngine,
         *,
         tenant_store: TenantStore,
         limits: ServerLimits,
@@ -193,7 +190,7 @@ class LayeredAPI:
             self.metrics.record_api_request(UNAUTHENTICATED, endpoint, 401)
             raise
         try:
-            request_id = self._request_id(request)
+            request_id = resolve_request_id(request.headers)
             if not self.engine.has_queue_room(tenant.name):  # before reading (and decoding) any of the body
                 raise _overloaded("the waiting queue is full", close=True)
             admission = self.admission.admit(tenant)
@@ -230,15 +227,6 @@ class LayeredAPI:
     def _rejected(self, tenant: Tenant, endpoint: str, error: APIError) -> None:
         self.metrics.record_rejection(tenant.name, _rejection_reason(error))
         self.metrics.record_api_request(tenant.name, endpoint, error.status_code)
-
-    @staticmethod
-    def _request_id(request: Request) -> str:
-        given = request.headers.get("x-request-id")
-        if given is None:
-            return f"layers-{secrets.token_hex(12)}"
-        if not _REQUEST_ID.match(given):
-            raise APIError(400, "X-Request-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -", code="bad_request_id")
-        return given
 
     async def _read_edit(
         self, request: Request, tenant: Tenant
@@ -526,7 +514,7 @@ def _json_body(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def build_app(
-    engine: AsyncLayeredEngine,
+    engine: ThreadedEngine,
     *,
     tenants: TenantRegistry | TenantStore,
     limits: ServerLimits,
@@ -620,55 +608,3 @@ def _install_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0]
         error = APIError(400, str(first.get("msg")), code="invalid_value", param=str(first["loc"][-1]))
         return JSONResponse(error.body(), status_code=400)
-
-
-def run_server(args: argparse.Namespace) -> int:
-    """``vllm-layered serve``: load the model, build the engine and serve until interrupted."""
-    from pathlib import Path
-
-    import torch
-    import uvicorn
-
-    from vllm_layered.cli import model_path, parallel_config, quantization
-    from vllm_layered.model_executor.pipeline import LayeredPipeline
-    from vllm_layered.model_executor.summary import describe_pipeline
-    from vllm_layered.serving.engine.engine import AsyncLayeredEngine, EngineConfig
-
-    metrics = ServingMetrics()
-    store = build_tenant_store(
-        api_keys=args.api_keys, url=args.tenant_store, fallback=args.tenant_store_fallback,
-        lease_ttl_s=args.tenant_lease_ttl, metrics=metrics,
-    )
-    limits = ServerLimits(
-        max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
-        max_pixels=args.max_pixels,
-        max_n=args.max_n,
-        request_timeout_s=args.request_timeout,
-        body_timeout_s=args.body_timeout,
-        max_request_work=args.max_request_work,
-    )
-    dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    root = model_path(args)
-    pipeline = LayeredPipeline.from_pretrained(
-        root, device=args.device, dtype=dtype, parallel=parallel_config(args),
-        quantization=quantization(args), attention_dtype=args.attention_dtype, load_format=args.load_format,
-    )
-    served_names = args.served_model_name or [args.model or Path(root).name]
-    logger.info("serving %s", describe_pipeline(pipeline, model=args.model, quantization=quantization(args)))
-    config = EngineConfig(
-        model_name=served_names[0],
-        max_waiting=args.max_queue,
-        max_running=args.max_running,
-        step_order=args.step_order,
-        tenant_weights=store.tenants.weights(),
-    )
-    engine = AsyncLayeredEngine(pipeline, config, observer=metrics)
-    app = build_app(
-        engine, tenants=store, limits=limits, metrics=metrics,
-        served_model_names=served_names, shutdown_grace_s=args.shutdown_grace,
-    )
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level=args.log_level, access_log=not args.no_access_log,
-        timeout_graceful_shutdown=args.shutdown_grace,
-    )
-    return 0

@@ -14,8 +14,6 @@ from vllm_layered.serving.engine.request import LayeredRequest, ProgressEvent, R
 class Engine(Protocol):
     def submit(self, request: LayeredRequest) -> RequestHandle: ...
 
-    def abort(self, request_id: str) -> bool: ...
-
 
 class DecompositionJob:
     def __init__(self, request_id: str, tenant: str, handles: list[RequestHandle], seeds: list[int]) -> None:
@@ -113,6 +111,3 @@ class JobRegistry:
 
     def get(self, tenant: str, request_id: str) -> DecompositionJob | None:
         return self._jobs.get((tenant, request_id))
-
-    def __len__(self) -> int:
-        return len(self._jobs)

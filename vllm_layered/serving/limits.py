@@ -16,7 +16,7 @@ from vllm_layered.serving.protocol import APIError
 # The largest request the model was trained for, as the official app sends it: 20 layers at 1024 (the
 # widest 1024 bucket has 4320 patches), 50 steps with CFG, n = 1: 22 x 4320 x 2 x 50 = 9,504,000. Rounded
 # up, the default admits it at every aspect ratio and refuses anything twice as large. By the cost model
-# (/work/shared/DESIGN.md: 8e15 FLOP per forward, 100 forwards, 400-500 TFLOP/s) it is about half an hour
+# (docs/cost_model.md: 8e15 FLOP per forward, 100 forwards, 400-500 TFLOP/s) it is about half an hour
 # of one H200.
 DEFAULT_MAX_REQUEST_WORK = 10_000_000
 # Twice that request's run time alone on an H200: only a request that waited long behind others or got

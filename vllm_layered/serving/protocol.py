@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -25,6 +26,7 @@ MAX_CFG_SCALE = 100.0
 # The text encoder reads at most 1024 tokens of a prompt (512 by default), a few thousand characters:
 # longer text cannot change the layers, it only costs tokenizer time and memory.
 MAX_PROMPT_CHARS = 16384
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 _INT_FIELDS = ("n", "layers", "resolution", "num_inference_steps", "seed")
 
@@ -335,3 +337,15 @@ def decomposition_seeds(seed: int | None, n: int) -> list[int]:
     if base + n - 1 > MAX_SEED:
         raise APIError(400, f"seed + n - 1 must be at most {MAX_SEED}", code="invalid_value", param="seed")
     return [base + i for i in range(n)]
+
+
+def resolve_request_id(headers: Mapping[str, str]) -> str:
+    """The request's id: the ``X-Request-Id`` header the client sent (APIError 400 ``bad_request_id`` unless it is
+    1-128 characters of A-Z a-z 0-9 . _ : -), else a new ``layers-<24 hex digits>``. ``headers`` is a request's
+    (case-insensitive) headers. Our server and the vLLM-Omni route both name their requests this way."""
+    given = headers.get("x-request-id")
+    if given is None:
+        return f"layers-{secrets.token_hex(12)}"
+    if not _REQUEST_ID.match(given):
+        raise APIError(400, "X-Request-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -", code="bad_request_id")
+    return given

@@ -5,6 +5,8 @@
 - ``RedisTenantStore`` (``--tenant-store redis://HOST:PORT/DB``, serving/redis_store.py): rate buckets and
   concurrency leases in Redis, shared by every replica, and the keys file's content published there.
 
+``serve`` picks one from its flags (serving/launcher.py: build_tenant_store).
+
 Both re-read the keys file when it changes (polled every second by its (mtime, inode, size): Kubernetes
 updates a mounted Secret by swapping a symlink, which a watch on the file itself misses) and swap the
 registry at once: a removed key is refused from then on, new limits apply to the next request. A file that
@@ -58,10 +60,6 @@ class LiveTenants:
     def subscribe(self, listener: Callable[[TenantRegistry], None]) -> None:
         """Call ``listener(registry)`` after every change (e.g. to hand new fair-share weights to the engine)."""
         self._listeners.append(listener)
-
-    @property
-    def is_open(self) -> bool:
-        return self._registry.is_open
 
     @property
     def tenants(self) -> dict[str, Tenant]:
@@ -193,26 +191,3 @@ class LocalTenantStore(TenantStore):
         """Requests of ``tenant`` admitted here and not yet released."""
         return self.admission.in_flight(tenant)
 
-
-def build_tenant_store(
-    *,
-    api_keys: Path | None,
-    url: str | None = None,
-    fallback: str = "local",
-    lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
-    metrics: ServingMetrics | None = None,
-) -> TenantStore:
-    """The store of ``vllm-layered serve``: ``--api-keys``, ``--tenant-store``, ``--tenant-store-fallback``,
-    ``--tenant-lease-ttl``. ValueError for a bad combination; the store is not started."""
-    if api_keys is None:
-        if url is not None:
-            raise ValueError("--tenant-store shares tenant limits and needs the tenants: give --api-keys too")
-        return LocalTenantStore(TenantRegistry.open(), metrics=metrics)
-    keys_file = KeysFile(api_keys)
-    if url is None:
-        return LocalTenantStore(keys_file.registry(), keys_file, metrics)
-    try:
-        from vllm_layered.serving.redis_store import RedisTenantStore
-    except ImportError as e:
-        raise ValueError(f"--tenant-store needs the redis client: pip install 'vllm-layered[redis]' ({e})") from e
-    return RedisTenantStore(url, keys_file, fallback=fallback, lease_ttl_s=lease_ttl_s, metrics=metrics)

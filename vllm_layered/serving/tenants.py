@@ -143,10 +143,6 @@ class TenantRegistry:
             tenants.append(tenant)
         return cls(tenants, key_hashes)
 
-    @property
-    def is_open(self) -> bool:
-        return self._key_hashes is None
-
     def authenticate(self, authorization: str | None) -> Tenant:
         """The tenant of an ``Authorization: Bearer KEY`` header value; AuthenticationError if none."""
         if self._key_hashes is None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vllm_layered.model_executor.dummy_model import check_load_format, dummy_text_encoder
+from vllm_layered.model_executor.model_loader.dummy_loader import check_load_format, dummy_text_encoder
 from vllm_layered.model_executor.text import check_text
 
 PROMPT_TEMPLATE = (
@@ -83,7 +83,7 @@ class PromptEncoder:
         load_format: str = "safetensors",
     ) -> PromptEncoder:
         """Load ``root/text_encoder`` and ``root/tokenizer`` of a diffusers-layout folder
-        (``load_format="dummy"``: the text encoder's config with random weights, see dummy_model.py)."""
+        (``load_format="dummy"``: the text encoder's config with random weights, see model_loader/dummy_loader.py)."""
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
         from transformers.utils import is_accelerate_available
 

@@ -25,6 +25,7 @@ from vllm_layered.kernels.attention import attention
 from vllm_layered.kernels.fp8 import FP8_DTYPE
 from vllm_layered.kernels.triton_utils import use_triton
 from vllm_layered.model_executor.forward_batch import ForwardBatch, PackedMetadata
+from vllm_layered.model_executor.model_loader.weight_loader import install_weights, load_component
 from vllm_layered.model_executor.models.fp8_attention import (
     Fp8AttentionLayer,
     check_attention_dtype,
@@ -39,7 +40,6 @@ from vllm_layered.model_executor.models.fp8_linear import (
     quantize_activation,
     quantize_fp8,
 )
-from vllm_layered.model_executor.weight_loader import install_weights, load_component
 
 METADATA_CACHE_SIZE = 4  # distinct packed layouts kept (the engine's running set changes now and then)
 
@@ -371,7 +371,7 @@ class LayeredTransformer(nn.Module):
         ``quantization``: None / "none", or "fp8" (e4m3 weights and per-token activations for the blocks' big
         linears, see fp8_linear.py). ``attention_dtype``: None / "bf16", or "fp8" (FP8 attention, with
         quantization="fp8" only, see fp8_attention.py). Both are checked before anything loads.
-        ``load_format="dummy"``: random weights (dummy_model.py).
+        ``load_format="dummy"``: random weights (model_loader/dummy_loader.py).
         """
         quantization = check_quantization(quantization, device, dtype)
         attention_dtype = check_attention_dtype(attention_dtype, quantization, device)

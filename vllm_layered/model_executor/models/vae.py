@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_layered.model_executor.weight_loader import install_weights, load_component
+from vllm_layered.model_executor.model_loader.weight_loader import install_weights, load_component
 
 # Defaults are diffusers' constructor defaults, so a config.json that omits a key means the same here.
 _DEFAULT_LATENTS_MEAN = (

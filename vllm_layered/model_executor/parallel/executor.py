@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vllm_layered.model_executor.forward_batch import ForwardBatch, SequenceLayout
+from vllm_layered.model_executor.forward_batch import ForwardBatch
 from vllm_layered.model_executor.models.transformer import LayeredTransformer, TransformerConfig
 from vllm_layered.model_executor.parallel.config import (
     ParallelConfig,
@@ -35,6 +35,7 @@ from vllm_layered.model_executor.parallel.config import (
     rank_device,
 )
 from vllm_layered.model_executor.parallel.ulysses import UlyssesExchange
+from vllm_layered.model_executor.sequence_layout import SequenceLayout
 
 logger = logging.getLogger(__name__)
 

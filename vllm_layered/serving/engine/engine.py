@@ -1,4 +1,4 @@
-"""AsyncLayeredEngine: continuous, step-level batching of Qwen-Image-Layered requests.
+"""ThreadedEngine: continuous, step-level batching of Qwen-Image-Layered requests.
 
 Threads and what runs where:
 - the caller's asyncio loop: ``submit``/``abort`` and the RequestHandles (events, results);
@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_layered.model_executor.denoise import DenoiseState
-from vllm_layered.model_executor.forward_batch import SequenceLayout
 from vllm_layered.model_executor.image_processing import bucket_size
 from vllm_layered.model_executor.pipeline import DECODE_CHUNK, LayeredPipeline
+from vllm_layered.model_executor.sequence_layout import SequenceLayout
 from vllm_layered.serving.engine.observer import EngineObserver
 from vllm_layered.serving.engine.request import (
     EngineError,
@@ -132,7 +132,10 @@ def request_tokens(request: LayeredRequest, text_len: int = ESTIMATED_TEXT_TOKEN
     return layout.total_tokens * (2 if cfg else 1)
 
 
-class AsyncLayeredEngine:
+class ThreadedEngine:
+    """The serving engine. It runs on threads of its own (step, aux and watch, above); the caller's asyncio loop
+    only submits, aborts and reads RequestHandles."""
+
     def __init__(
         self, pipeline: LayeredPipeline, config: EngineConfig | None = None, observer: EngineObserver | None = None
     ) -> None:
@@ -528,6 +531,10 @@ class AsyncLayeredEngine:
             }
             output = RequestOutput(entry.request_id, layers, entry.prompt, timings)
             self._end(entry, RequestStatus.FINISHED, output=output)
+
+
+# The engine's first name, kept for code that imports it. It is not an asyncio object: it runs on its own threads.
+AsyncLayeredEngine = ThreadedEngine
 
 
 def _describe(exc: BaseException) -> str:

@@ -111,7 +111,8 @@ def pick_step_batch(
     the GPU, running the shortest first lowers the mean latency at no cost in throughput). Remaining work is
     divided by ``1 + paused_s / aging_s``, so a long request that keeps being overtaken gains ground and
     cannot starve. "fcfs": first submitted first, which keeps the longest latency lowest instead (a long
-    request is never overtaken; measured in benchmarks/RESULTS.md, session 3 engine run).
+    request is never overtaken). On an H200, four 50-step 640 FP8 requests under Poisson load: srpt mean 45.2 s,
+    longest 68.4 s; fcfs mean 49.5 s, longest 53.0 s (benchmarks/RESULTS.md, "first-come-first-served step order").
     """
     if order not in STEP_ORDERS:
         raise ValueError(f"unknown step order {order!r}; choose one of {', '.join(STEP_ORDERS)}")

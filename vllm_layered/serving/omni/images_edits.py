@@ -45,11 +45,17 @@ from vllm_omni.inputs.data import OmniDiffusionSamplingParams, OmniTextPrompt
 
 from vllm_layered.model_executor.image_processing import bucket_size
 from vllm_layered.model_executor.pipeline import PIPELINE_CLASS
-from vllm_layered.serving.api_server import LayeredAPI, load_request_image
+from vllm_layered.serving.api_server import load_request_image
 from vllm_layered.serving.engine.request import RequestOutput
 from vllm_layered.serving.limits import ServerLimits
 from vllm_layered.serving.omni.pipeline import DEFAULT_NEGATIVE_PROMPT, METADATA_KEY, generation_params
-from vllm_layered.serving.protocol import APIError, ImageEditForm, decomposition_seeds, validation_error
+from vllm_layered.serving.protocol import (
+    APIError,
+    ImageEditForm,
+    decomposition_seeds,
+    resolve_request_id,
+    validation_error,
+)
 from vllm_layered.serving.results import build_images_response
 
 logger = logging.getLogger(__name__)
@@ -179,7 +185,7 @@ async def _layered_edit(form: dict[str, Any]) -> Response:
         raise HTTPException(status_code=HTTPStatus.BAD_REQUEST.value,
                             detail="stream=true is not supported for Qwen-Image-Layered on this server")
     try:
-        response_id = LayeredAPI._request_id(raw_request)
+        response_id = resolve_request_id(raw_request.headers)
         options = _options(form)
         image = await _input_image(form)
         seeds = decomposition_seeds(options.seed, options.n)  # as on our server: seed + i

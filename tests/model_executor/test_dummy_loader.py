@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from vllm_layered.model_executor.dummy_model import full_size_model_folder
+from vllm_layered.model_executor.model_loader.dummy_checkpoint import full_size_model_folder
 from vllm_layered.model_executor.models.transformer import LayeredTransformer, TransformerConfig
 from vllm_layered.model_executor.models.vae import VAEConfig
 from vllm_layered.model_executor.pipeline import LayeredPipeline

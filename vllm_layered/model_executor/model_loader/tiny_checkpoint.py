@@ -10,11 +10,8 @@ Qwen2.5-VL saved by transformers, with a byte-level BPE tokenizer trained here.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +19,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from vllm_layered.model_executor.random_weights import random_weights
+from vllm_layered.model_executor.model_loader.folders import cached_folder, write_atomically, write_json
+from vllm_layered.model_executor.model_loader.random_weights import random_weights
+from vllm_layered.model_executor.models.transformer import LayeredTransformer, TransformerConfig
+from vllm_layered.model_executor.models.vae import RGBAVAE, VAEConfig
 
 DIFFUSERS_VERSION = "0.36.0"
 TEXT_HIDDEN_SIZE = 64  # the text model's hidden size = the transformer's joint_attention_dim
@@ -90,6 +90,14 @@ SCHEDULER_CONFIG = {
     "use_karras_sigmas": False,
 }
 
+# The files whose content identifies this recipe: a cached copy that differs was written by another version.
+RECIPE_CONFIGS = {
+    "model_index.json": MODEL_INDEX,
+    "scheduler/scheduler_config.json": SCHEDULER_CONFIG,
+    "transformer/config.json": TRANSFORMER_CONFIG,
+    "vae/config.json": VAE_CONFIG,
+}
+
 # Qwen2's pre-tokenizer split (the same regex transformers' Qwen2Tokenizer rebuilds its pipeline with).
 _PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -151,7 +159,7 @@ def make_tiny_checkpoint(path: str | Path, *, seed: int = 0, overwrite: bool = F
         raise ValueError(
             f"{path} exists and is not empty; to replace it pass --overwrite (make-tiny-checkpoint) or overwrite=True"
         )
-    _write_atomically(path, seed, replace=overwrite)
+    write_atomically(path, lambda root: _write_checkpoint(root, seed), replace=overwrite)
     return path
 
 
@@ -165,60 +173,15 @@ def default_model_dir() -> Path:
 def default_model_path(*, on_write: Callable[[Path], None] | None = None) -> Path:
     """The embedded default model in ``default_model_dir()``, generated (seed 0) on first use.
 
-    ``on_write(path)`` is called before it is generated. Two processes starting at once both write a
-    temporary copy; the first rename wins and the other copy is discarded. A cached copy whose configs differ
-    from this recipe (written by an older version) is replaced.
+    ``on_write(path)`` is called before it is generated. A cached copy whose configs differ from this recipe
+    (written by an older version) is replaced.
     """
-    path = default_model_dir()
-    if _matches_recipe(path):
-        return path
-    if on_write is not None:
-        on_write(path)
-    try:
-        _write_atomically(path, seed=0, replace=path.exists())
-    except OSError:
-        if not _matches_recipe(path):
-            raise
-    return path
-
-
-def _matches_recipe(path: Path) -> bool:
-    expected = {
-        "model_index.json": MODEL_INDEX,
-        "scheduler/scheduler_config.json": SCHEDULER_CONFIG,
-        "transformer/config.json": TRANSFORMER_CONFIG,
-        "vae/config.json": VAE_CONFIG,
-    }
-    try:
-        return all(json.loads((path / name).read_text()) == config for name, config in expected.items())
-    except (OSError, ValueError):
-        return False
-
-
-def _write_atomically(path: Path, seed: int, *, replace: bool = False) -> None:
-    """Write into a temporary sibling, then rename it to ``path`` (moving an old folder aside first
-    if ``replace``). The rename fails if another writer has meanwhile put a non-empty folder there."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private
-    trash = None
-    try:
-        _write_checkpoint(tmp, seed)
-        if replace and path.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rename(path, trash / "old")
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+    return cached_folder(default_model_dir(), RECIPE_CONFIGS, lambda root: _write_checkpoint(root, 0), on_write)
 
 
 def _write_checkpoint(root: Path, seed: int) -> None:
-    _write_json(root / "model_index.json", MODEL_INDEX)
-    _write_json(root / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+    write_json(root / "model_index.json", MODEL_INDEX)
+    write_json(root / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
 
     tokenizer = _train_tokenizer()
     tokenizer.save_pretrained(root / "tokenizer")
@@ -226,12 +189,12 @@ def _write_checkpoint(root: Path, seed: int) -> None:
     _write_text_encoder(root / "text_encoder", tokenizer, seed)
 
     transformer_dir = root / "transformer"
-    _write_json(transformer_dir / "config.json", TRANSFORMER_CONFIG)
+    write_json(transformer_dir / "config.json", TRANSFORMER_CONFIG)
     tensors = _random_tensors(_meta_module("transformer", transformer_dir / "config.json"), seed, "transformer")
     _save_sharded(tensors, transformer_dir, "diffusion_pytorch_model", num_shards=2)
 
     vae_dir = root / "vae"
-    _write_json(vae_dir / "config.json", VAE_CONFIG)
+    write_json(vae_dir / "config.json", VAE_CONFIG)
     tensors = _random_tensors(_meta_module("vae", vae_dir / "config.json"), seed, "vae")
     save_file(tensors, str(vae_dir / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
 
@@ -239,12 +202,8 @@ def _write_checkpoint(root: Path, seed: int) -> None:
 def _meta_module(component: str, config_path: Path) -> nn.Module:
     """Our model module for a written config, built on the meta device (names and shapes only)."""
     if component == "transformer":
-        from .models.transformer import LayeredTransformer, TransformerConfig
-
         with torch.device("meta"):
             return LayeredTransformer(config=TransformerConfig.from_json(config_path))
-    from .models.vae import RGBAVAE, VAEConfig
-
     with torch.device("meta"):
         return RGBAVAE(config=VAEConfig.from_json(config_path))
 
@@ -264,7 +223,7 @@ def _save_sharded(tensors: dict[str, torch.Tensor], folder: Path, stem: str, *, 
         save_file({n: tensors[n] for n in shard_names}, str(folder / filename), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard_names, filename))
     total_size = sum(t.numel() * t.element_size() for t in tensors.values())
-    _write_json(
+    write_json(
         folder / f"{stem}.safetensors.index.json",
         {"metadata": {"total_size": total_size}, "weight_map": weight_map},
     )
@@ -344,11 +303,11 @@ _VISION_PREPROCESSING = {
 def _write_processor(folder: Path, tokenizer) -> None:
     """Qwen2VLProcessor files, written directly: saving a live processor needs torchvision."""
     tokenizer.save_pretrained(folder)
-    _write_json(
+    write_json(
         folder / "preprocessor_config.json",
         {"image_processor_type": "Qwen2VLImageProcessor", **_VISION_PREPROCESSING},
     )
-    _write_json(
+    write_json(
         folder / "video_preprocessor_config.json",
         {"video_processor_type": "Qwen2VLVideoProcessor", **_VISION_PREPROCESSING},
     )
@@ -407,8 +366,3 @@ def _write_text_encoder(folder: Path, tokenizer, seed: int) -> None:
         do_sample=False,
     )
     model.save_pretrained(folder)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from vllm_layered.model_executor.dummy_model import check_load_format, dummy_weights
+from vllm_layered.model_executor.model_loader.dummy_loader import check_load_format, dummy_weights
 
 
 class WeightLoadError(ValueError):
@@ -102,7 +102,7 @@ def load_component(
     load_format: str = "safetensors",
 ) -> set[str]:
     """Stream one diffusers component folder (e.g. ``transformer/``) into a meta-built module; with
-    ``load_format="dummy"`` its tensors are drawn at random instead (dummy_model.py) and no file is read."""
+    ``load_format="dummy"`` its tensors are drawn at random instead (dummy_loader.py) and no file is read."""
     if check_load_format(load_format) == "dummy":
         weights = dummy_weights(module, component=component, device=device, dtype=dtype)
     else:
