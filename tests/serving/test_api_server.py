@@ -32,7 +32,7 @@ JSON = {"Content-Type": "application/json"}
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
     args = ["--max-upload-mb", str(MAX_UPLOAD_MB), "--max-pixels", str(MAX_PIXELS), "--max-n", "2",
-            "--max-running", "1", "--max-queue", "2"]
+            "--max-running", "1", "--max-queue", "2", "--log-level", "info"]
     with start_server(tiny_checkpoint, tmp_path_factory.mktemp("logs"), *args) as server:
         yield server
 
@@ -420,3 +420,9 @@ def test_a_full_queue_answers_at_once_without_reading_the_upload(server, http):
         for request_id in ("q-waiting-1", "q-waiting-0", "q-running"):
             assert http.delete(f"/v1/requests/{request_id}").status_code == 200
         assert [p.result(timeout=60).status_code for p in pending] == [409, 409, 409]
+
+
+def test_the_startup_log_names_the_model_device_and_dtype(server):
+    """An operator reading the log sees what is served, where and how."""
+    line = next(line for line in server.log.read_text().splitlines() if "serving " in line)
+    assert "tiny-qwen-image-layered" in line and "cpu" in line and "float32" in line, line

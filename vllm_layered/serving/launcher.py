@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 def run_server(args: argparse.Namespace) -> int:
     """``vllm-layered serve``: load the model, build the engine and serve until interrupted."""
+    # our loggers (start-up, the tenant store) print at --log-level beside uvicorn's own
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     metrics = ServingMetrics()
     store = build_tenant_store(
         api_keys=args.api_keys, url=args.tenant_store, fallback=args.tenant_store_fallback,
