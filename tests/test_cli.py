@@ -46,6 +46,37 @@ def test_decompose_writes_pngs_and_psd(tiny_checkpoint, image, tmp_path):
         assert len(list(PSDImage.open(written))) == 2
 
 
+def test_decompose_refine_writes_a_three_level_tree(tiny_checkpoint, image, tmp_path):
+    """Layer 1 into 2, then its bottom child into 1: each refined layer keeps its file and gets a folder of its
+    children; the stages of every level are labelled (the refinements' inputs are captioned)."""
+    out = tmp_path / "tree"
+    done = cli(*cheap(image, tiny_checkpoint, "--refine", "1:2", "--refine", "1.0:1", "--true-cfg-scale", "1",
+                      "--out", str(out)))
+    assert done.returncode == 0, done.stderr
+    names = ["layer_00.png", "layer_01.png", "layer_01/layer_00.png", "layer_01/layer_00/layer_00.png",
+             "layer_01/layer_00/composite.png", "layer_01/layer_01.png", "layer_01/composite.png", "composite.png"]
+    assert done.stdout.split() == [str(out / name) for name in names]
+    assert {(Image.open(out / name).mode, Image.open(out / name).size) for name in names} == {("RGBA", (768, 512))}
+    lines, position = done.stderr.splitlines(), -1
+    for label in ("load ...", "denoise", "decode 2 layers ...", "refine 1:2 ...", "denoise 1", "decode 2 layers ...",
+                  "refine 1.0:1 ...", "denoise 1.0", "decode 1 layer ...", f"write {out} ..."):
+        position = next(i for i, line in enumerate(lines) if i > position and line.startswith(label))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--refine", "2:2"], "error: refine 2: no such layer; the root decomposition has 2 layer(s), 0-1\n"),
+        (["--refine", "1"], "error: bad refinement '1': expected PATH:N"),
+        (["--refine", "1.0:2"], "error: refine 1.0: its parent layer 1 is not refined; refine 1 too\n"),
+    ],
+)
+def test_refinements_are_checked_before_anything_loads(image, tmp_path, args, message):
+    """The model does not exist: the refinement's error comes first."""
+    done = cli("decompose", str(image), "--model", str(tmp_path / "no-model"), "--layers", "2", *args, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith(message), done.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -215,6 +215,7 @@ def _add_server_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the server's, 50)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: the server draws one)")
     p.add_argument("--prompt", default="", help="caption of the image (default: the server captions it)")
+    _add_refine_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=_client_decompose)
 
@@ -254,6 +255,14 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
+
+
+def _add_refine_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--refine", action="append", metavar="PATH:N",
+                   help="decompose layer PATH again into N layers; repeatable. Layers are numbered bottom first from "
+                        "0, and a child by its parent's path: '--refine 1:2 --refine 1.0:2' splits layer 1 in two, "
+                        "then its bottom child in two. A refined layer keeps its file and gets a folder of its "
+                        "children beside it (a group in PSD and PPTX; default: none)")
 
 
 def _add_output_arguments(p: argparse.ArgumentParser) -> None:
@@ -296,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cfg-normalize", action="store_true",
                    help="do not rescale the guided prediction to the norm of the conditional one")
     p.add_argument("--chinese-caption", action="store_true", help="auto-caption with the Chinese instruction")
+    _add_refine_argument(p)
     _add_output_arguments(p)
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if a GPU is visible)")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),

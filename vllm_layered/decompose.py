@@ -1,7 +1,9 @@
-"""``vllm-layered decompose IMAGE``: one image into RGBA layers on this machine.
+"""``vllm-layered decompose IMAGE``: one image into RGBA layers on this machine, and with ``--refine`` some
+of them again, as a tree (LayeredPipeline.decompose_tree).
 
-Each stage (load, caption, denoise, decode, write) is labelled on stderr with its time; stdout gets only the
-written paths. torch and the model load inside ``decompose``, so importing this module stays light.
+Each stage (load, caption, denoise, decode, and per level of refinements: refine, denoise, decode; then write)
+is labelled on stderr with its time; stdout gets only the written paths. torch and the model load inside
+``decompose``, so importing this module stays light.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from vllm_layered.clients.output import OutputTarget
+    from vllm_layered.layer_tree import DecompositionJob
 
 DEFAULT_STEPS = 50
 # The embedded tiny model's layers are noise whatever the step count: few steps keep its first run short.
@@ -25,14 +28,13 @@ class CommandError(Exception):
 
 def decompose(args: argparse.Namespace, target: OutputTarget) -> int:
     """Run ``decompose`` with its parsed ``args``; ``target`` is where the layers go (checked already)."""
-    from tqdm import tqdm
-
-    from vllm_layered.clients.output import resize_layers
+    from vllm_layered.clients.output import resize_tree
+    from vllm_layered.layer_tree import parse_refinements, plan_refinements
+    from vllm_layered.layer_tree_export import save_tree
     from vllm_layered.model_args import load_pipeline, quantization
-    from vllm_layered.model_executor.export import save_layers
     from vllm_layered.model_executor.image_processing import bucket_size, load_image
     from vllm_layered.model_executor.models.text_encoder import CaptionUnavailableError
-    from vllm_layered.model_executor.pipeline import GenerationParams
+    from vllm_layered.model_executor.pipeline import MAX_LAYERS, GenerationParams
     from vllm_layered.model_executor.summary import describe_pipeline
 
     # check the input before loading a 54 GB model
@@ -40,6 +42,7 @@ def decompose(args: argparse.Namespace, target: OutputTarget) -> int:
     embedded = args.model is None and args.load_format != "dummy"
     steps = args.steps if args.steps is not None else EMBEDDED_MODEL_STEPS if embedded else DEFAULT_STEPS
     GenerationParams(layers=args.layers, resolution=args.resolution, num_inference_steps=steps)
+    refine = plan_refinements(parse_refinements(args.refine), root_layers=args.layers, max_layers=MAX_LAYERS)
     bucket = bucket_size(image.width, image.height, args.resolution)
     stages = _Stages(quiet=args.quiet)
     if args.quiet:
@@ -64,15 +67,11 @@ def decompose(args: argparse.Namespace, target: OutputTarget) -> int:
         stages.end()
         stages.say(f"caption: {_shorten(prompt)}")
 
-    def on_step(step: int, total: int) -> None:
-        bar.update(1)
-        if step == total:  # the pipeline decodes right after its last step
-            bar.close()
-            stages.begin(f"decode {args.layers} layer{'s' if args.layers > 1 else ''}")
-
-    with tqdm(total=steps, desc="denoise", unit="step", disable=args.quiet) as bar:
-        result = pipe(
+    progress = _TreeProgress(stages, steps)
+    try:
+        tree = pipe.decompose_tree(
             image,
+            refine=refine,
             prompt=prompt,
             negative_prompt=args.negative_prompt if args.true_cfg_scale > 1 else None,
             true_cfg_scale=args.true_cfg_scale,
@@ -82,11 +81,15 @@ def decompose(args: argparse.Namespace, target: OutputTarget) -> int:
             num_inference_steps=steps,
             seed=args.seed,
             use_en_prompt=not args.chinese_caption,
-            callback=on_step,
+            callback=progress.step,
+            stage_callback=progress.stage,
         )
-    layers = resize_layers(result.layers, image.size) if args.keep_size else result.layers
+    finally:
+        progress.close()
+    if args.keep_size:
+        tree = resize_tree(tree, image.size)
     stages.begin(f"write {target.path}")
-    written = save_layers(layers, target.path, target.format)
+    written = save_tree(tree, target.path, target.format)
     stages.end()
     for path in written:
         print(path)
@@ -115,6 +118,40 @@ class _Stages:
         if self.label is not None:
             self.say(f"{self.label}: {time.perf_counter() - self.start:.1f} s")
             self.label = None
+
+
+class _TreeProgress:
+    """The stages of decompose_tree on stderr: per level, the refinements' preparation ("refine 1:2, 2:3": crops,
+    captions, encoding; the root's is part of its denoise bar, as before trees), a bar of denoising steps, and
+    the decode."""
+
+    def __init__(self, stages: _Stages, steps: int) -> None:
+        self.stages = stages
+        self.steps = steps
+        self.bar = None
+
+    def stage(self, name: str, jobs: list[DecompositionJob]) -> None:
+        from tqdm import tqdm
+
+        root = jobs[0].path is None
+        if name == "prepare" and not root:
+            self.stages.begin("refine " + ", ".join(f"{job.path}:{job.layers}" for job in jobs))
+        elif name == "denoise":
+            self.stages.end()
+            label = "denoise" if root else "denoise " + ", ".join(job.path for job in jobs)
+            self.bar = tqdm(total=self.steps, desc=label, unit="step", disable=self.stages.quiet)
+        elif name == "decode":
+            self.close()
+            layers = sum(job.layers for job in jobs)
+            self.stages.begin(f"decode {layers} layer{'s' if layers > 1 else ''}")
+
+    def step(self, step: int, total: int) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _size_note(size: tuple[int, int], bucket: tuple[int, int], resolution: int, keep_size: bool) -> str:

@@ -388,6 +388,12 @@ class LayerTree:
         """The finest layers, bottom first: the stack with each refined layer replaced by its children."""
         return [node for node in self.walk() if not node.children]
 
+    @classmethod
+    def from_layers(cls, layers: Sequence[Image.Image], prompt: str, seed: int) -> LayerTree:
+        """The tree of a root decomposition before any refinement; its layers' size is the root canvas."""
+        full = (0, 0, *layers[0].size)
+        return cls([LayerNode(str(i), image, full) for i, image in enumerate(layers)], prompt, seed)
+
     def refine(self, path: str, layers: Sequence[Image.Image], frame: Box, prompt: str) -> list[LayerNode]:
         """Attach the children of layer ``path`` (already pasted into the root canvas) and return them."""
         node = self.node(path)
@@ -396,6 +402,11 @@ class LayerTree:
         node.children = [LayerNode(f"{node.path}.{i}", image, frame) for i, image in enumerate(layers)]
         node.prompt = prompt
         return node.children
+
+    def attach(self, path: str, layers: Sequence[Image.Image], box: Box, prompt: str) -> list[LayerNode]:
+        """Attach what the refinement of layer ``path`` returned (its layers, any size, for the crop ``box``):
+        pasted back into the root canvas, they become the layer's children."""
+        return self.refine(path, paste_children(layers, box, self.size), box, prompt)
 
 
 # -- building a tree ------------------------------------------------------------------------------------
@@ -416,6 +427,14 @@ class DecompositionJob:
 Decomposer = Callable[[list[DecompositionJob]], list[tuple[list[Image.Image], str]]]
 
 
+def refinement_job(tree: LayerTree, refinement: Refinement, *, max_aspect_ratio: float) -> tuple[DecompositionJob, Box]:
+    """The decomposition that refines a layer of ``tree`` (its crop, layer count, prompt and derived seed) and
+    the crop's box in the root canvas; EmptyLayerError when the layer is fully transparent."""
+    crop, box = refinement_input(tree.node(refinement.path).image, refinement.path, max_aspect_ratio=max_aspect_ratio)
+    seed = refinement_seed(tree.seed, refinement.path)
+    return DecompositionJob(refinement.path, crop, refinement.layers, refinement.prompt, seed), box
+
+
 def build_tree(
     image: Image.Image,
     *,
@@ -432,25 +451,10 @@ def build_tree(
     root decomposition's layers set the canvas; each refinement's children are pasted back into it.
     """
     ((root_layers, root_prompt),) = decompose([DecompositionJob(None, image, layers, prompt, seed)])
-    full = (0, 0, *root_layers[0].size)
-    tree = LayerTree([LayerNode(str(i), im, full) for i, im in enumerate(root_layers)], root_prompt, seed)
+    tree = LayerTree.from_layers(root_layers, root_prompt, seed)
     for depth in sorted({r.depth for r in plan}):
-        level = [r for r in plan if r.depth == depth]
-        jobs, boxes = [], []
-        for refinement in level:
-            crop, box = refinement_input(
-                tree.node(refinement.path).image, refinement.path, max_aspect_ratio=max_aspect_ratio
-            )
-            jobs.append(
-                DecompositionJob(
-                    refinement.path,
-                    crop,
-                    refinement.layers,
-                    refinement.prompt,
-                    refinement_seed(seed, refinement.path),
-                )
-            )
-            boxes.append(box)
-        for job, box, (children, used_prompt) in zip(jobs, boxes, decompose(jobs)):
-            tree.refine(job.path, paste_children(children, box, tree.size), box, used_prompt)
+        level = [refinement_job(tree, r, max_aspect_ratio=max_aspect_ratio) for r in plan if r.depth == depth]
+        jobs = [job for job, _ in level]
+        for (job, box), (children, used_prompt) in zip(level, decompose(jobs)):
+            tree.attach(job.path, children, box, used_prompt)
     return tree

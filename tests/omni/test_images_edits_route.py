@@ -110,6 +110,19 @@ def test_layered_requests_are_checked_as_on_our_server():
     assert "output_format must be png or webp" in response.text
 
 
+@pytest.mark.parametrize("fields", [{"refine": '[{"layer": "1", "layers": 2}]'},
+                                    {"refine[][layer]": "1", "refine[][layers]": "2"}, {"refine[]": "1:2"}])
+def test_refine_is_refused_for_layered_requests(fields):
+    """A tree of decompositions needs our server's engine; every form the clients send it in is refused."""
+    module = _omni_server([])
+    images_edits.install(module)
+    client = _app(module, "QwenImageLayeredPipeline")
+    client.app.state.stage_configs = [{"stage_type": "diffusion"}]
+    response = client.post(PATH, data={"prompt": "p", **fields}, files={"image": ("in.png", b"x", "image/png")})
+    assert response.status_code == 400
+    assert "refine (decomposing layers again) is not supported" in response.text
+
+
 @pytest.mark.parametrize(
     ("shape", "problem"),
     [

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from vllm_layered.model_executor.pipeline import GenerationParams
+from vllm_layered.model_executor.pipeline import DECODE_CHUNK, GenerationParams
 from vllm_layered.serving.engine.engine import EngineConfig, ThreadedEngine
 from vllm_layered.serving.engine.observer import EngineObserver
 from vllm_layered.serving.engine.request import LayeredRequest, ProgressEvent, RequestHandle
@@ -94,3 +94,30 @@ class Gate:
 
     def open(self) -> None:
         self._opened.set()
+
+
+def mask_decoded_layers(pipeline, boxes: list[tuple[float, float, float, float]]) -> None:
+    """A test double for the model's layers: from now on, layer i of every decode (root or refinement) is
+    transparent outside ``boxes[i % len(boxes)]`` ((left, top, right, bottom) as fractions of its size; an empty
+    box makes it fully transparent). The tiny random model's layers are opaque noise, so without this every
+    refinement's crop would be its whole canvas; with it, crops (and their buckets) differ from layer to layer."""
+    decode_chunks = pipeline.decode_chunks
+
+    def masked(state, chunk=DECODE_CHUNK):
+        index = 0
+        for layers in decode_chunks(state, chunk):
+            out = []
+            for layer in layers:
+                width, height = layer.size
+                left, top, right, bottom = boxes[index % len(boxes)]
+                alpha = Image.new("L", layer.size, 0)
+                box = (round(left * width), round(top * height), round(right * width), round(bottom * height))
+                if box[2] > box[0] and box[3] > box[1]:
+                    alpha.paste(layer.getchannel("A").crop(box), box[:2])
+                layer = layer.copy()
+                layer.putalpha(alpha)
+                out.append(layer)
+                index += 1
+            yield out
+
+    pipeline.decode_chunks = masked

@@ -1,5 +1,6 @@
 """What the API decides before the engine runs anything: queue room before the body is read, the body deadline,
-the work cap, what a request keeps of its upload, and request ids that the engine still holds.
+the work cap, what a request keeps of its upload, request ids that the engine still holds, and a tree request's
+refinements (every form they come in, their errors, the whole tree's work, one engine request and one slot).
 
 The app is driven through ASGI directly, over an engine stand-in that records what it is given and ends
 requests only when the test says, so that each case happens at a known moment (no model, no timing luck).
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -19,6 +21,7 @@ import pytest
 from PIL import Image
 
 from tests.serving.helpers import png_bytes
+from vllm_layered.layer_tree import EmptyLayerError, Refinement
 from vllm_layered.model_executor.image_processing import BucketImage, bucket_size
 from vllm_layered.serving.api_server import build_app
 from vllm_layered.serving.engine.engine import EngineConfig
@@ -47,11 +50,11 @@ class EngineStandIn:
 
     num_running = num_waiting = 0
 
-    def has_queue_room(self, tenant: str) -> bool:
-        return self.room
-
     def work_tokens(self) -> tuple[int, int]:
         return 0, 0
+
+    def has_queue_room(self, tenant: str) -> bool:
+        return self.room
 
     def submit(self, request: LayeredRequest) -> RequestHandle:
         if request.request_id in self.handles:  # as the engine: an id is taken until its request has ended
@@ -128,6 +131,13 @@ def whole_body(content: bytes, then_disconnect: bool = False) -> Receive:
 
 
 def multipart(fields: dict[str, str], image: bytes) -> tuple[bytes, dict[str, str]]:
+    request = httpx.Request("POST", "http://test/v1/images/edits", data=fields,
+                            files={"image": ("input.png", image, "image/png")})
+    return request.read(), {"content-type": request.headers["content-type"]}
+
+
+def multipart_fields(fields: dict[str, str | list[str]], image: bytes) -> tuple[bytes, dict[str, str]]:
+    """A multipart body in which a list value is sent as repeated fields, in order (as the openai SDK does)."""
     request = httpx.Request("POST", "http://test/v1/images/edits", data=fields,
                             files={"image": ("input.png", image, "image/png")})
     return request.read(), {"content-type": request.headers["content-type"]}
@@ -257,3 +267,121 @@ def test_a_request_id_is_taken_until_the_engine_has_let_go_of_it():
     assert again.status == 409 and error["code"] == "duplicate_request_id" and error["type"] == "conflict_error"
     assert "'job-1'" in error["message"] and "default/" not in error["message"]
     assert later.status == 503 and len(engine.submitted) == 2  # accepted (the stand-in then cancels it)
+
+
+TREE = {**FAST, "layers": "2", "refine": json.dumps([{"layer": "1", "layers": 2}, {"layer": "1.0", "layers": 2}])}
+TREE_REFINE = (Refinement("1", 2), Refinement("1.0", 2))
+
+
+@pytest.mark.parametrize("fields", [
+    {"refine": json.dumps([{"layer": "1", "layers": 2}, {"layer": "1.0", "layers": 2, "prompt": "a cushion"}])},
+    {"refine[][layer]": ["1", "1.0"], "refine[][layers]": ["2", "2"], "refine[][prompt]": ["", "a cushion"]},
+    {"refine[]": ["1:2"], "refine[][layer]": "1.0", "refine[][layers]": "2", "refine[][prompt]": "a cushion"},
+], ids=["json-string", "openai-sdk-list-of-dicts", "list-of-strings-and-dicts"])
+def test_refine_arrives_in_every_form_a_client_sends(fields):
+    """The openai SDK sends extra_body={"refine": [dict, ...]} field by field (refine[][layer], ...), a list of
+    strings as refine[]; a JSON array string is one field. All give the same refinements."""
+    engine = EngineStandIn()
+    content, headers = multipart_fields({**FAST, "layers": "2", **fields}, png_bytes())
+    assert asyncio.run(call_and_cancel(engine, make_app(engine), "/v1/images/edits", content, headers)).status == 503
+    (submitted,) = engine.submitted
+    assert [(r.path, r.layers) for r in submitted.refine] == [("1", 2), ("1.0", 2)]
+    assert submitted.refine[0].prompt in (None, "") and submitted.refine[1].prompt == "a cushion"  # "": captioned
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"refine": "[1:2]"}, "refine is not a valid JSON array"),
+    ({"refine": "2:2"}, r"refine 2: no such layer; the root decomposition has 2 layer\(s\)"),
+    ({"refine": "1:2", "layers": "21"}, "layers must be between 1 and 20"),
+    ({"refine[][layer]": ["1", "1.0"], "refine[][layers]": "2"}, "2 'layer' and 1 'layers' values"),
+    ({"refine[]": ["1:2", "1.0:2"], "refine[][layer]": "1.0", "refine[][layers]": "3"}, "layer 1.0 is refined twice"),
+])
+def test_bad_refinements_are_400_naming_refine_before_any_work(fields, message):
+    engine = EngineStandIn()
+    content, headers = multipart_fields({**FAST, "layers": "2", **fields}, png_bytes())
+    reply = asyncio.run(call(make_app(engine), "/v1/images/edits", content, headers))
+    error = reply.error()
+    assert reply.status == 400 and error["code"] == "invalid_value", error
+    assert error["param"] == ("layers" if "between" in message else "refine")
+    assert re.search(message, error["message"]), error["message"]
+    assert engine.submitted == []
+
+
+@pytest.mark.parametrize("endpoint", ["edits", "generations"])
+def test_a_tree_is_one_engine_request_its_whole_work_checked_before_any(endpoint):
+    """Root and refinements count at the root bucket's size: 3 decompositions of (2 + 2) frames of 40 x 40
+    patches, one step, no CFG. One token-forward short of it is refused; at the cap the tree is ONE request."""
+    work = request_work(layers=2, bucket=(640, 640), num_inference_steps=1, cfg=False, n=1, refine_layers=[2, 2])
+    assert work == 3 * 4 * 40 * 40 == 3 * request_work(layers=2, bucket=(640, 640), num_inference_steps=1, cfg=False,
+                                                       n=1)
+    for cap, refused in [(work - 1, True), (work, False)]:
+        engine = EngineStandIn()
+        app = make_app(engine, ServerLimits(max_request_work=cap))
+        if endpoint == "edits":
+            content, headers = multipart(TREE, png_bytes(64, 64))
+        else:
+            body = {**FAST, "layers": 2, "num_inference_steps": 1, "true_cfg_scale": 1, "size": "64x64",
+                    "refine": json.loads(TREE["refine"])}
+            content, headers = json.dumps(body).encode(), {"content-type": "application/json"}
+        reply = asyncio.run(call_and_cancel(engine, app, f"/v1/images/{endpoint}", content, headers))
+        if refused:
+            assert reply.status == 400 and reply.error()["code"] == "work_limit_exceeded"
+            assert f"{work:,}" in reply.error()["message"] and engine.submitted == []
+        else:
+            assert reply.status == 503  # admitted: the stand-in then cancels it
+            (submitted,) = engine.submitted
+            assert submitted.refine == TREE_REFINE
+
+
+def test_a_tree_holds_one_concurrency_slot():
+    """Its refinements run inside its one engine request: a second request of a tenant with max_concurrency 1 is
+    refused while the tree runs, and admitted once it has ended."""
+    engine = EngineStandIn()
+    app = make_app(engine, tenant=Tenant("default", max_concurrency=1))
+    tree, tree_headers = multipart(TREE, png_bytes())
+    plain, plain_headers = multipart(FAST, png_bytes())
+
+    async def run() -> tuple[int, Reply, Reply, Reply]:
+        first = asyncio.ensure_future(call(app, "/v1/images/edits", tree, tree_headers))
+        while not engine.handles:
+            await asyncio.sleep(0.01)
+        in_flight = app.state.api.admission.in_flight("default")
+        refused = await call(app, "/v1/images/edits", plain, plain_headers)
+        engine.end_all()
+        ended = await first
+        return in_flight, refused, ended, await call_and_cancel(engine, app, "/v1/images/edits", plain, plain_headers)
+
+    in_flight, refused, ended, later = asyncio.run(run())
+    assert in_flight == 1 and len(engine.submitted) == 2 and engine.submitted[0].refine == TREE_REFINE
+    assert refused.status == 429 and refused.error()["code"] == "concurrency_limited"
+    assert ended.status == 503 and later.status == 503  # both admitted (the stand-in cancels them)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_empty_layer_to_refine_is_a_400_naming_refine(stream):
+    """Known only once the layer is decoded: the engine ends the tree with EmptyLayerError."""
+    engine = EngineStandIn()
+    app = make_app(engine)
+    content, headers = multipart({**TREE, "stream": str(stream).lower()}, png_bytes())
+
+    async def run() -> Reply:
+        task = asyncio.ensure_future(call(app, "/v1/images/edits", content, headers))
+        while not engine.handles:
+            await asyncio.sleep(0.01)
+        (handle,) = engine.handles.values()
+        handle._finish(error=EmptyLayerError("1"))
+        return await task
+
+    reply = asyncio.run(run())
+    if stream:
+        assert reply.status == 200
+        event, data = reply.body.decode().strip().split("\n\n")[-1].split("\n")
+        assert event == "event: error"
+        error = json.loads(data.removeprefix("data: "))
+        assert error["status"] == 400
+        error = error["error"]
+    else:
+        assert reply.status == 400
+        error = reply.error()
+    assert (error["code"], error["param"]) == ("empty_layer", "refine")
+    assert error["message"] == "cannot refine layer 1: it is empty (fully transparent)"

@@ -17,6 +17,7 @@ from PIL import Image
 from tests.serving.helpers import free_port, png_bytes, start_server
 from vllm_layered.clients import AsyncLayeredClient, LayeredAPIError, LayeredClient, LayeredConnectionError, Layers
 from vllm_layered.clients.cli import queue_position_text
+from vllm_layered.layer_tree import RefinementError
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
 
@@ -78,6 +79,21 @@ def test_async_client(server):
     plain, streamed, seen = asyncio.run(run())
     assert len(plain) == len(streamed) == 1 and "step" in seen
     assert plain[0].tobytes() == streamed[0].tobytes()  # same seed, same layers
+
+
+def test_refine_gives_the_tree_and_is_checked_before_sending(server):
+    """Through the openai SDK (no progress): refine travels as one JSON field; Layers.tree holds the refinement."""
+
+    async def run():
+        async with AsyncLayeredClient(server.base_url) as client:
+            return await client.decompose(png_bytes(), layers=1, seed=2, refine=["0:1"], **CHEAP)
+
+    layers = asyncio.run(run())
+    assert len(layers) == 1 and [node.path for node in layers.tree.walk()] == ["0", "0.0"]
+    assert layers[0] is layers.tree.layers[0].image and layers.tree.node("0").crop_box is not None
+    assert layers.tree.node("0.0").image.size == layers[0].size
+    with LayeredClient(f"http://127.0.0.1:{free_port()}") as client, pytest.raises(RefinementError, match="PATH:N"):
+        client.decompose(png_bytes(), refine=["1"])  # nothing listens there: refused before any request
 
 
 def test_errors_raise_with_the_server_message(server, image_path):
@@ -194,6 +210,22 @@ def test_an_error_event_raises_through_the_openai_sdk(server):
                 cancelled = client.cancel("sdk-cancel")
                 assert cancelled
     assert cancelled
+
+
+def test_the_clients_write_trees_without_torch():
+    """The tree exports the clients use (layer_tree_export.py, export.py, image_processing.py) load without torch."""
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # importing torch now fails\n"
+        "from PIL import Image\n"
+        "import vllm_layered.clients.cli\n"
+        "from vllm_layered.layer_tree import LayerTree\n"
+        "from vllm_layered.layer_tree_export import tree_to_zip_bytes\n"
+        "tree = LayerTree.from_layers([Image.new('RGBA', (8, 8), (1, 2, 3, 255))], 'p', 0)\n"
+        "tree.attach('0', [Image.new('RGBA', (4, 4), (9, 9, 9, 255))], (2, 2, 6, 6), 'q')\n"
+        "assert tree_to_zip_bytes(tree)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_clients_import_nothing_heavy():

@@ -16,6 +16,7 @@ _EXPORTS = {
     "LayeredConnectionError": "vllm_layered.clients.client",
     "Progress": "vllm_layered.clients.client",
     "Layers": "vllm_layered.clients.layers",
+    "tree_from_response": "vllm_layered.clients.layers",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,6 +1,7 @@
 """``vllm-layered client decompose IMAGE --base-url URL [--out PATH]``: decompose through a server.
 
-Writes where ``vllm-layered decompose`` would (vllm_layered.clients.output), checked before the upload.
+Writes where ``vllm-layered decompose`` would, as it would (vllm_layered.clients.output; refined layers with
+the tree exports of layer_tree_export.py), checked before the upload.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import openai
 from PIL import Image, ImageOps
 
 from vllm_layered.clients.client import LayeredAPIError, LayeredClient, LayeredConnectionError, Progress
-from vllm_layered.clients.output import resize_layers, resolve_output
+from vllm_layered.clients.output import resize_tree, resolve_output
+from vllm_layered.layer_tree import parse_refinements
+from vllm_layered.layer_tree_export import save_tree
 
 
 def queue_position_text(position: int) -> str:
@@ -24,12 +27,13 @@ def queue_position_text(position: int) -> str:
 
 
 def _print_progress(progress: Progress) -> None:
+    node = "" if progress.node is None else f"refine {progress.node}: "
     if progress.stage == "queued":
         print(f"queued: {queue_position_text(progress.queue_position or 0)}", file=sys.stderr)
     elif progress.stage == "step":
-        print(f"step {progress.step}/{progress.num_steps}", file=sys.stderr)
+        print(f"{node}step {progress.step}/{progress.num_steps}", file=sys.stderr)
     else:
-        print(progress.stage, file=sys.stderr)
+        print(f"{node}{progress.stage}", file=sys.stderr)
 
 
 def _input_size(path) -> tuple[int, int] | None:
@@ -45,6 +49,7 @@ def _input_size(path) -> tuple[int, int] | None:
 def decompose(args: argparse.Namespace) -> int:
     """PNG: a folder of layer_00.png ... composite.png; zip/psd/pptx: one file (see clients.output)."""
     target = resolve_output(args.out, args.format, args.image)
+    refine = parse_refinements(args.refine)  # their syntax before the upload; the server checks the rest
     size = _input_size(args.image)
     if args.keep_size and size is None:
         raise ValueError(f"--keep-size: cannot read the size of {args.image}")
@@ -57,22 +62,19 @@ def decompose(args: argparse.Namespace) -> int:
                 resolution=args.resolution,
                 steps=args.steps,
                 seed=args.seed,
+                refine=refine,
                 on_progress=None if args.quiet else _print_progress,
             )
     except (LayeredAPIError, LayeredConnectionError, httpx.HTTPError, openai.APIError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    tree = layers.tree
     if args.keep_size:
-        layers.images = resize_layers(layers.images, size)
+        tree = resize_tree(tree, size)
     elif size is not None and layers[0].size != size and not args.quiet:
         print(f"size: the input is {size[0]}x{size[1]}; layers come at the server's resolution bucket, "
               f"{layers[0].width}x{layers[0].height}; --keep-size resizes them to {size[0]}x{size[1]}", file=sys.stderr)
-    if target.format == "png":
-        written = layers.save_pngs(target.path)
-    else:
-        target.path.parent.mkdir(parents=True, exist_ok=True)
-        save = {"zip": layers.save_zip, "psd": layers.save_psd, "pptx": layers.save_pptx}[target.format]
-        written = [save(target.path)]
+    written = save_tree(tree, target.path, target.format)
     for path in written:
         print(path)
     return 0

@@ -2,7 +2,8 @@
 
 Requests go through the official openai SDK (``images.edit`` with the layer fields in
 ``extra_body``); with ``on_progress`` they go through httpx instead, to read the server-sent
-progress events. Imports only openai, httpx, pillow and numpy.
+progress events. ``refine`` travels as one JSON array field either way. Imports only openai, httpx,
+pillow and numpy (and vllm_layered's torch-free layer tree).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import contextlib
 import io
 import json
 import os
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -22,6 +23,7 @@ from PIL import Image
 
 from vllm_layered.clients.layers import Layers
 from vllm_layered.clients.sse import SSEDecoder
+from vllm_layered.layer_tree import RefinementSpec, parse_refinements
 
 ImageInput = str | os.PathLike | bytes | Image.Image | BinaryIO
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -69,13 +71,17 @@ def _connecting_to(base_url: str) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Progress:
-    """stage: queued (queue_position), started, step (step of num_steps), decoding."""
+    """stage: queued (queue_position), started, step (step of num_steps), decoding. ``node``: the layer whose
+    refinement steps or decodes (None: the root decomposition); ``level``: 0 at the root, 1 for a refinement of
+    a root layer, ..."""
 
     stage: str
     decomposition_index: int = 0
     step: int | None = None
     num_steps: int | None = None
     queue_position: int | None = None
+    node: str | None = None
+    level: int = 0
 
 
 def _v1(base_url: str) -> str:
@@ -97,9 +103,22 @@ def _image_file(image: ImageInput) -> tuple[str, bytes, str]:
     return Path(getattr(image, "name", "image")).name, image.read(), "application/octet-stream"
 
 
-def _prepare(model: str | None, request_id: str | None, steps: int | None, **options: Any) -> tuple[dict, dict]:
-    """(request fields that were given, headers); None means the server's default."""
+def _prepare(
+    model: str | None,
+    request_id: str | None,
+    steps: int | None,
+    refine: str | Sequence[RefinementSpec] | None,
+    **options: Any,
+) -> tuple[dict, dict]:
+    """(request fields that were given, headers); None means the server's default. ``refine`` is checked here
+    and sent as one JSON array."""
     fields = {k: v for k, v in dict(options, num_inference_steps=steps, model=model).items() if v is not None}
+    refinements = parse_refinements(refine)
+    if refinements:
+        fields["refine"] = json.dumps([
+            {"layer": r.path, "layers": r.layers, **({"prompt": r.prompt} if r.prompt is not None else {})}
+            for r in refinements
+        ])
     return fields, ({"X-Request-Id": request_id} if request_id else {})
 
 
@@ -121,8 +140,8 @@ def _form(prompt: str, fields: dict[str, Any]) -> dict[str, str]:
 def _handle_event(event: str, data: Any, on_progress: Callable[[Progress], Any]) -> tuple[bool, Any]:
     """(is_final, what on_progress returned or the final body); raises the error event."""
     if event == "progress":
-        fields = {k: data.get(k) for k in ("step", "num_steps", "queue_position")}
-        progress = Progress(data["stage"], data.get("decomposition_index", 0), **fields)
+        fields = {k: data.get(k) for k in ("step", "num_steps", "queue_position", "node")}
+        progress = Progress(data["stage"], data.get("decomposition_index", 0), level=data.get("level", 0), **fields)
         return False, on_progress(progress)
     if event == "error":
         raise LayeredAPIError.from_body(data.get("status", 500), data)
@@ -130,7 +149,8 @@ def _handle_event(event: str, data: Any, on_progress: Callable[[Progress], Any])
 
 
 class LayeredClient:
-    """Blocking client. ``decompose`` returns the layers of one image, bottom first."""
+    """Blocking client. ``decompose`` returns the layers of one image, bottom first (and with ``refine``, the
+    tree of its refinements as ``Layers.tree``)."""
 
     def __init__(
         self,
@@ -159,12 +179,15 @@ class LayeredClient:
         true_cfg_scale: float | None = None,
         cfg_normalize: bool | None = None,
         use_en_prompt: bool | None = None,
+        refine: str | Sequence[RefinementSpec] | None = None,
         request_id: str | None = None,
         on_progress: Callable[[Progress], None] | None = None,
     ) -> Layers:
-        """An empty prompt lets the server caption the image. ``on_progress`` gets each Progress."""
+        """An empty prompt lets the server caption the image. ``refine``: layers to decompose again, "PATH:N"
+        or {"layer": PATH, "layers": N[, "prompt": TEXT]} (layer_tree.py); the result's ``tree`` holds them.
+        ``on_progress`` gets each Progress."""
         fields, headers = _prepare(
-            self.model, request_id, steps, layers=layers, resolution=resolution, seed=seed,
+            self.model, request_id, steps, refine, layers=layers, resolution=resolution, seed=seed,
             negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, cfg_normalize=cfg_normalize,
             use_en_prompt=use_en_prompt,
         )
@@ -248,11 +271,12 @@ class AsyncLayeredClient:
         true_cfg_scale: float | None = None,
         cfg_normalize: bool | None = None,
         use_en_prompt: bool | None = None,
+        refine: str | Sequence[RefinementSpec] | None = None,
         request_id: str | None = None,
         on_progress: Callable[[Progress], Awaitable[None] | None] | None = None,
     ) -> Layers:
         fields, headers = _prepare(
-            self.model, request_id, steps, layers=layers, resolution=resolution, seed=seed,
+            self.model, request_id, steps, refine, layers=layers, resolution=resolution, seed=seed,
             negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, cfg_normalize=cfg_normalize,
             use_en_prompt=use_en_prompt,
         )

@@ -1,6 +1,8 @@
-"""The layers a server returned (RGBA, bottom first) and ways to save them.
+"""The layers a server returned (RGBA, bottom first) and ways to save them; the tree of a request with
+refinements (``tree_from_response``).
 
-Needs only pillow; PSD and PPTX saving import psd-tools / python-pptx when called.
+Needs only pillow; PSD and PPTX saving import psd-tools / python-pptx when called. A tree saves with
+vllm_layered.layer_tree_export.save_tree.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 
 from PIL import Image
 
+from vllm_layered.layer_tree import LayerTree, path_parts
+
 _EMU_PER_INCH = 914_400
 _SLIDE_LONG_SIDE_EMU = 12_192_000  # PowerPoint's widescreen width, 13.333 in
 _BLANK_SLIDE_LAYOUT = 6
@@ -23,12 +27,14 @@ _BLANK_SLIDE_LAYOUT = 6
 
 @dataclass
 class Layers:
-    """One decomposition: ``images`` are RGBA, bottom (background) first."""
+    """One decomposition: ``images`` are RGBA, bottom (background) first. ``tree``: every layer of the response
+    as a layer_tree.LayerTree, refinements included (``images`` are its root layers)."""
 
     images: list[Image.Image]
     prompt: str | None = None
     seed: int | None = None
     request_id: str | None = None
+    tree: LayerTree | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -42,15 +48,9 @@ class Layers:
     @classmethod
     def from_response(cls, body: dict[str, Any], decomposition_index: int = 0) -> Layers:
         """The layers of one decomposition of an images response body (per-layer entries, not a package)."""
-        entries = [e for e in body["data"] if e.get("decomposition_index", 0) == decomposition_index]
-        if not entries:
-            raise ValueError(f"the response has no decomposition {decomposition_index}")
-        if any("layer_index" not in e for e in entries):
-            raise ValueError("the response holds a package, not per-layer images")
-        entries.sort(key=lambda e: e["layer_index"])
-        images = [Image.open(io.BytesIO(base64.b64decode(e["b64_json"]))).convert("RGBA") for e in entries]
-        first = entries[0]
-        return cls(images, prompt=first.get("revised_prompt"), seed=first.get("seed"), request_id=body.get("id"))
+        tree = tree_from_response(body, decomposition_index)
+        return cls([node.image for node in tree.layers], prompt=tree.prompt, seed=tree.seed, request_id=body.get("id"),
+                   tree=tree)
 
     def composite(self) -> Image.Image:
         """What the stack looks like: the layers alpha-composited bottom first."""
@@ -108,6 +108,38 @@ class Layers:
     def _named(self) -> list[tuple[str, Image.Image]]:
         named = [(f"layer_{i:02d}.png", image) for i, image in enumerate(self.images)]
         return named + [("composite.png", self.composite())]
+
+
+def tree_from_response(body: dict[str, Any], decomposition_index: int = 0) -> LayerTree:
+    """The tree of one decomposition of an images response body (per-layer entries, not a package).
+
+    Each entry's ``path`` and ``parent`` place it, a refined layer's ``crop_box`` is where its children came
+    from; a response without paths (a server without trees) is a tree of its layers alone."""
+    entries = [e for e in body["data"] if e.get("decomposition_index", 0) == decomposition_index]
+    if not entries:
+        raise ValueError(f"the response has no decomposition {decomposition_index}")
+    if any("layer_index" not in e for e in entries):
+        raise ValueError("the response holds a package, not per-layer images")
+    by_parent: dict[str | None, list[dict[str, Any]]] = {}
+    for entry in entries:
+        by_parent.setdefault(entry.get("parent"), []).append(entry)
+    for siblings in by_parent.values():
+        siblings.sort(key=lambda e: e["layer_index"])
+    roots = by_parent.get(None)
+    if not roots:
+        raise ValueError("the response's layers do not form a tree (no layer without a parent)")
+    tree = LayerTree.from_layers([_image(e) for e in roots], roots[0].get("revised_prompt") or "", roots[0].get("seed"))
+    groups = [e for e in entries if e.get("role") == "group"]
+    for group in sorted(groups, key=lambda e: (len(path_parts(e["path"])), path_parts(e["path"]))):  # parents first
+        children = by_parent.get(group["path"], [])
+        tree.refine(group["path"], [_image(e) for e in children], tuple(group["crop_box"]), group.get("prompt") or "")
+    if sum(1 for _ in tree.walk()) != len(entries):
+        raise ValueError("the response's layers do not form a tree (an entry's parent is not a refined layer)")
+    return tree
+
+
+def _image(entry: dict[str, Any]) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(entry["b64_json"]))).convert("RGBA")
 
 
 def _png(image: Image.Image) -> bytes:

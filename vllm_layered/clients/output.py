@@ -1,7 +1,8 @@
 """Where ``decompose`` and ``client decompose`` write their layers: one rule for both, checked before any work.
 
 - ``--format`` not given: taken from ``--out``'s extension (.zip, .psd, .pptx), else png.
-- png: ``--out`` is a folder (created if needed) that gets layer_00.png (bottom) ... and composite.png.
+- png: ``--out`` is a folder (created if needed) that gets layer_00.png (bottom) ... and composite.png; with
+  ``--refine``, each refined layer also gets a folder of its children beside its file (layer_tree_export.py).
 - zip, psd, pptx: ``--out`` is the file if it ends in that extension; a folder (one that exists, a path ending
   in "/", or a name without an extension) gets ``<input image name>.<format>``.
 
@@ -12,6 +13,7 @@ missing psd-tools) is a ValueError naming the problem. Needs only the standard l
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from vllm_layered.layer_tree import Box, LayerNode, LayerTree
 
 PACKAGE_FORMATS = ("zip", "psd", "pptx")
 OUTPUT_FORMATS = ("png", *PACKAGE_FORMATS)
@@ -77,6 +81,26 @@ def resize_layers(layers: list[Image.Image], size: tuple[int, int]) -> list[Imag
     from PIL import Image
 
     return [layer.resize(size, resample=Image.Resampling.LANCZOS) for layer in layers]
+
+
+def resize_tree(tree: LayerTree, size: tuple[int, int]) -> LayerTree:
+    """The tree with every layer resampled to ``size`` as resize_layers does; frames (the regions each
+    decomposition saw) scaled alike, rounded outward."""
+    from vllm_layered.layer_tree import LayerNode, LayerTree
+
+    scale_x, scale_y = size[0] / tree.size[0], size[1] / tree.size[1]
+
+    def frame(box: Box) -> Box:
+        left, top, right, bottom = box
+        return (math.floor(left * scale_x), math.floor(top * scale_y),
+                math.ceil(right * scale_x), math.ceil(bottom * scale_y))
+
+    def resized(nodes: list[LayerNode]) -> list[LayerNode]:
+        images = resize_layers([node.image for node in nodes], size)
+        return [LayerNode(node.path, image, frame(node.frame), resized(node.children), node.prompt)
+                for node, image in zip(nodes, images)]
+
+    return LayerTree(resized(tree.layers), tree.prompt, tree.seed)
 
 
 def _check_writable(folder: Path) -> None:

@@ -5,6 +5,10 @@ Lanczos resize, the [-1, 1] scaling and the 8-bit rounding on the way out) so th
 the reference's bit for bit, and adds what a server taking untrusted uploads needs on top: a size
 check made from the header before any pixel is decoded, one error type with a machine-readable code
 for every way an upload can be bad, and conversion of every common pixel format to RGBA.
+
+torch is imported by the two tensor conversions only, when first called: the rest (loading, buckets,
+compositing layers) serves the layer files (export.py, layer_tree_export.py) and the thin clients, which
+run without torch.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ import struct
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
-import torch
 from PIL import ExifTags, Image, ImageOps
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MAX_PIXELS = 64_000_000
 RESOLUTIONS = (640, 1024)
@@ -271,6 +277,8 @@ def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor
     Pillow's Lanczos resize (which resizes RGBA with premultiplied alpha), then b / 255 * 2 - 1 per
     channel. ``width`` and ``height`` are a bucket size, i.e. multiples of 16.
     """
+    import torch
+
     if image.mode != "RGBA":
         raise ValueError(f"image_to_tensor needs an RGBA image (see load_image), got mode {image.mode!r}")
     if width <= 0 or height <= 0 or width % 16 or height % 16:
@@ -287,6 +295,8 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
     x * 0.5 + 0.5 clamped to [0, 1] in the tensor's own dtype, then float32, * 255, round half to
     even. NaN (a diverged sample) becomes 0 rather than whatever an undefined cast would give.
     """
+    import torch
+
     if x.ndim != 4 or x.shape[1] != 4:
         raise ValueError(f"expected a [B, 4, H, W] tensor, got shape {tuple(x.shape)}")
     unit = (x * 0.5 + 0.5).clamp(0, 1).float()

@@ -56,6 +56,9 @@ DECODE_CHUNK = 2
 PIPELINE_CLASS = "QwenImageLayeredPipeline"
 
 StepCallback = Callable[[int, int], None]
+# decompose_tree's stages, called as (stage, jobs) before each: "prepare" (captions, text and VAE encoding),
+# "denoise", "decode"; the jobs are one depth's decompositions (the root alone first, its path None).
+StageCallback = Callable[[str, list[DecompositionJob]], None]
 
 
 @dataclass
@@ -363,6 +366,7 @@ class LayeredPipeline:
         use_en_prompt: bool = True,
         max_sequence_length: int = 512,
         callback: StepCallback | None = None,
+        stage_callback: StageCallback | None = None,
     ) -> LayerTree:
         """Decompose ``image``, then decompose its layers again as ``refine`` says: a tree (layer_tree.py).
 
@@ -373,6 +377,7 @@ class LayeredPipeline:
         refinement's input is prepared once its parent layer is decoded, and the refinements of one depth are
         denoised together, in packed steps.
         ``callback(step, total)`` counts the steps of every level: total = num_inference_steps x levels.
+        ``stage_callback(stage, jobs)`` is called before each level's "prepare", "denoise" and "decode".
         """
         params = GenerationParams(
             layers=layers,
@@ -399,7 +404,7 @@ class LayeredPipeline:
             prompt=prompt,
             seed=secrets.randbelow(2**63) if seed is None else seed,
             plan=plan,
-            decompose=lambda jobs: self._decompose_jobs(jobs, params, negative_prompt, step_done),
+            decompose=lambda jobs: self._decompose_jobs(jobs, params, negative_prompt, step_done, stage_callback),
             max_aspect_ratio=MAX_ASPECT_RATIO,
         )
 
@@ -409,9 +414,12 @@ class LayeredPipeline:
         params: GenerationParams,
         negative_prompt: str | None,
         step_done: Callable[[], None],
+        stage_callback: StageCallback | None = None,
     ) -> list[tuple[list[Image.Image], str]]:
         """Decompose ``jobs`` (each its own image, layer count, prompt and seed) in packed steps; per job
         its layers at its bucket size and the prompt used."""
+        stage = stage_callback or (lambda name, jobs: None)
+        stage("prepare", jobs)
         states, prompts = [], []
         for job in jobs:
             job_params = replace(params, layers=job.layers)
@@ -419,9 +427,11 @@ class LayeredPipeline:
             generator = torch.Generator("cpu").manual_seed(job.seed)
             states.append(self.prepare(job.image, job_params, cond, neg, generator=generator))
             prompts.append(prompt)
+        stage("denoise", jobs)
         for _ in range(params.num_inference_steps):
             self.denoise_step(states)
             step_done()
+        stage("decode", jobs)
         return [(self.decode(state), prompt) for state, prompt in zip(states, prompts)]
 
 

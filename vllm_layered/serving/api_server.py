@@ -20,6 +20,11 @@ entries one after the other, marked by ``decomposition_index``. ``package=zip|ps
 one entry per decomposition holding the whole file. ``stream=true`` answers with server-sent
 events: ``progress`` (queued with queue_position, started, step i of n, decoding), then one
 ``result`` (the response body) or ``error`` (the error body) event.
+
+``refine`` decomposes layers again (layer_tree.py): each decomposition becomes a tree, still ONE engine
+request (one concurrency slot, deadline and cancel), its whole work checked against the cap up front. Its
+entries come depth first with ``path``, ``parent``, ``bbox`` (and a refined layer's ``crop_box``), packages
+hold the tree (folders, PSD groups, PPTX group shapes), and progress events name the ``node`` at work.
 """
 
 from __future__ import annotations
@@ -41,6 +46,13 @@ from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vllm_layered.layer_tree import (
+    EmptyLayerError,
+    RefinementError,
+    path_parts,
+    plan_refinements,
+    refinements_from_form,
+)
 from vllm_layered.model_executor.image_processing import (
     RESOLUTIONS,
     BucketImage,
@@ -231,7 +243,12 @@ class LayeredAPI:
     async def _read_edit(
         self, request: Request, tenant: Tenant
     ) -> tuple[LayeredOptions, GenerationParams, BucketImage, str | None]:
-        fields, data = await read_form(request, self.limits)
+        form, data = await read_form(request, self.limits)
+        fields = {name: values[-1] for name, values in form.items()}
+        try:  # refine may come as several fields (what the openai SDK makes of a list)
+            fields["refine"] = refinements_from_form(form)
+        except RefinementError as e:
+            raise _bad_refine(e) from None
         options = _validate(ImageEditForm, fields)
         params = self._params(options)
 
@@ -268,7 +285,7 @@ class LayeredAPI:
         true_cfg_scale > 1."""
         work = request_work(
             layers=params.layers, bucket=bucket, num_inference_steps=params.num_inference_steps,
-            cfg=params.true_cfg_scale > 1, n=options.n,
+            cfg=params.true_cfg_scale > 1, n=options.n, refine_layers=[r.layers for r in options.refine],
         )
         self.limits.check_work(work, tenant.name, tenant.max_request_work)
 
@@ -299,10 +316,15 @@ class LayeredAPI:
         if options.cfg_scale is not None:
             kwargs["true_cfg_scale"] = options.cfg_scale
         try:
-            return GenerationParams(**kwargs)
+            params = GenerationParams(**kwargs)
         except ValueError as e:
             name = str(e).split(" ", 1)[0]
             raise APIError(400, str(e), code="invalid_value", param=name if name in kwargs else None) from None
+        try:  # the refinements must fit the tree they describe
+            plan_refinements(options.refine, root_layers=params.layers, max_layers=MAX_LAYERS)
+        except RefinementError as e:
+            raise _bad_refine(e) from None
+        return params
 
     def _submit(
         self,
@@ -326,6 +348,7 @@ class LayeredAPI:
                 tenant=tenant.name,
                 priority=tenant.priority,
                 deadline=deadline,
+                refine=options.refine,
             )
             for i, seed in enumerate(seeds)
         ]
@@ -430,8 +453,10 @@ class _Reply:
             step=event.step if event.kind == "step" else None,
             num_steps=event.num_steps or None,
             queue_position=event.queue_position,
+            node=event.node,
+            level=0 if event.node is None else len(path_parts(event.node)),
         )
-        return data.model_dump(exclude_none=True)
+        return {**data.model_dump(exclude_none=True), "node": event.node}  # null: the root
 
     async def _outputs_unless_disconnected(self, request: Request) -> list[RequestOutput] | None:
         results = asyncio.ensure_future(self.job.results())
@@ -478,6 +503,10 @@ def _admission_error(e: AdmissionError) -> APIError:
     return APIError(e.status_code, str(e), code=e.reason, headers={"Retry-After": retry})
 
 
+def _bad_refine(e: RefinementError) -> APIError:
+    return APIError(400, str(e), code="invalid_value", param="refine")
+
+
 def _overloaded(reason: str, *, close: bool = False) -> APIError:
     """503 engine_overloaded; ``close`` when the request body was not read (the connection cannot be reused)."""
     headers = {"Retry-After": str(OVERLOAD_RETRY_AFTER_S), **(CLOSE if close else {})}
@@ -494,6 +523,8 @@ def _engine_error(e: BaseException, job: DecompositionJob) -> APIError:
         return APIError(503, f"request {job.request_id!r} was cancelled by the server", code="server_cancelled")
     if isinstance(e, DeadlineExceededError):
         return APIError(504, f"request {job.request_id!r} ran past its deadline", code="deadline_exceeded")
+    if isinstance(e, EmptyLayerError):  # known once the layer is decoded: the request asked for the impossible
+        return APIError(400, str(e), code="empty_layer", param="refine")
     if isinstance(e, ValueError):
         return APIError(400, str(e), code="invalid_value")
     return APIError(500, f"the decomposition failed: {e}", code="engine_error")

@@ -5,10 +5,16 @@ Work is counted in image token-forwards, before anything runs: one forward of a 
 frame, each (H/16) x (W/16) patches of its bucket W x H), a step is two forwards with CFG and one
 without, and a request runs ``steps`` of them for each of its ``n`` decompositions. Text tokens (at most
 1024 per forward) are left out: they are unknown until the prompt is encoded or captioned.
+
+A request with refinements (layer_tree.py) runs one more decomposition per refinement, with that
+refinement's layer count, the same steps and CFG. Its input, a crop of the layer, is resized to the same
+resolution, so its bucket has about the root bucket's area (its aspect ratio moves the patch count by a
+few percent): it is counted at the root bucket's patches, before any crop exists.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vllm_layered.serving.protocol import APIError
@@ -27,10 +33,20 @@ DEFAULT_REQUEST_TIMEOUT_S = 3600.0
 DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
-def request_work(*, layers: int, bucket: tuple[int, int], num_inference_steps: int, cfg: bool, n: int) -> int:
-    """Image token-forwards of a request whose condition image has the bucket size ``bucket`` (W, H)."""
+def request_work(
+    *,
+    layers: int,
+    bucket: tuple[int, int],
+    num_inference_steps: int,
+    cfg: bool,
+    n: int,
+    refine_layers: Sequence[int] = (),
+) -> int:
+    """Image token-forwards of a request whose condition image has the bucket size ``bucket`` (W, H), with
+    refinements into ``refine_layers`` layers each."""
     width, height = bucket
-    image_tokens = (layers + 2) * (height // 16) * (width // 16)
+    frames = sum(count + 2 for count in (layers, *refine_layers))
+    image_tokens = frames * (height // 16) * (width // 16)
     return image_tokens * (2 if cfg else 1) * num_inference_steps * n
 
 
@@ -74,7 +90,7 @@ class ServerLimits:
             raise APIError(
                 400,
                 f"this request asks for {work:,} image token-forwards ((layers + 2) x image patches x 2 with CFG "
-                f"x steps x n), over {whose} limit of {cap:,} per request; ask for fewer layers, steps, "
-                f"decompositions or a lower resolution",
+                f"x steps x n, summed over the decomposition and its refinements), over {whose} limit of {cap:,} "
+                f"per request; ask for fewer layers, steps, decompositions, refinements or a lower resolution",
                 code="work_limit_exceeded",
             )

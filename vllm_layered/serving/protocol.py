@@ -11,10 +11,20 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
+from vllm_layered.layer_tree import LayerNode, Refinement, parse_refinements
 from vllm_layered.model_executor.text import check_text
 
 LAYER_ORDER = "bottom_to_top"
@@ -46,6 +56,7 @@ ERROR_CODES: dict[str, int] = {
     "bad_aspect_ratio": 400,
     "unsupported_package": 400,
     "work_limit_exceeded": 400,
+    "empty_layer": 400,
     "invalid_api_key": 401,
     "model_not_found": 404,
     "request_not_found": 404,
@@ -127,13 +138,29 @@ def validation_error(exc: ValidationError) -> APIError:
     return APIError(400, message, code="invalid_value", param=param)
 
 
+# What ``refine`` looks like on the wire (the field itself holds parsed layer_tree.Refinement objects).
+_REFINE_SCHEMA = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "properties": {
+            "layer": {"type": "string", "description": "path of the layer: '1', or '1.0' for a child of layer 1"},
+            "layers": {"type": "integer", "description": "layers to decompose it into (1-20)"},
+            "prompt": {"type": "string", "description": "caption of the layer (default: captioned)"},
+        },
+        "required": ["layer", "layers"],
+    },
+}
+
+
 class LayeredOptions(BaseModel):
     """Fields shared by /v1/images/edits (multipart) and /v1/images/generations (JSON).
 
     OpenAI's fields (model, n, size, response_format, user), vLLM-Omni's fields for this model
     (layers, resolution, num_inference_steps, true_cfg_scale or its alias guidance_scale,
     negative_prompt, seed, cfg_normalize, use_en_prompt) and ours (output_format, package, stream).
-    Unknown fields are ignored, as OpenAI-compatible servers do.
+    Unknown fields are ignored, as OpenAI-compatible servers do. ``refine`` arrives parsed (a list, a JSON
+    array string or "PATH:N"); the server checks it against the root's layer count.
     """
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
@@ -170,6 +197,12 @@ class LayeredOptions(BaseModel):
         "in a single data entry instead of one entry per layer.",
     )
     stream: bool = Field(False, description="Server-sent events: progress, then a 'result' event.")
+    refine: Annotated[tuple[Refinement, ...], WithJsonSchema(_REFINE_SCHEMA)] = Field(
+        (),
+        description="Decompose layers again, as a tree: a list of {layer: PATH, layers: N[, prompt]} (multipart: "
+        "a JSON array string, or the fields the openai SDK sends for extra_body={'refine': [...]}). Layer paths "
+        "are bottom first from 0; '1.0' is the bottom layer of layer 1's refinement.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -189,6 +222,11 @@ class LayeredOptions(BaseModel):
     @classmethod
     def _tokenizable(cls, value: Any, info: ValidationInfo) -> Any:
         return check_text(value, info.field_name) if isinstance(value, str) else value
+
+    @field_validator("refine", mode="before")
+    @classmethod
+    def _refinements(cls, value: Any) -> tuple[Refinement, ...]:
+        return tuple(parse_refinements(value))  # a RefinementError (ValueError) names the refinement at fault
 
     @field_validator("response_format", mode="before")
     @classmethod
@@ -263,7 +301,10 @@ class ImageGenerationRequest(LayeredOptions):
 
 
 class ImageData(BaseModel):
-    """One entry of ``data``: a layer (layer_index, role) or, with ``package``, a whole decomposition."""
+    """One entry of ``data``: a layer (layer_index, path, role...) or, with ``package``, a whole decomposition.
+
+    The layers of a decomposition come depth first: bottom first, each refined layer followed by its children,
+    so ``path`` and ``parent`` rebuild the tree."""
 
     b64_json: str
     revised_prompt: str | None = Field(None, description="The prompt used (the caption when none was given).")
@@ -272,8 +313,29 @@ class ImageData(BaseModel):
     num_layers: int
     mime_type: str
     layer_index: int | None = Field(None, description="0 = bottom (background); layers are bottom to top.")
-    role: Literal["background", "layer"] | None = None
+    role: Literal["background", "layer", "group"] | None = Field(
+        None, description="'group': a refined layer (its children follow it); else 'background' for index 0."
+    )
+    path: str | None = Field(None, description="The layer's path: '1', '1.0' (the bottom child of layer 1) ...")
+    parent: str | None = Field(None, description="Path of the refined layer this one is a child of; null at the root.")
+    bbox: list[int] | None = Field(
+        None, description="[left, top, right, bottom] of its visible pixels in the canvas; null when empty."
+    )
+    crop_box: list[int] | None = Field(
+        None, description="A group's input region in the canvas, where its children were decomposed from."
+    )
+    prompt: str | None = Field(None, description="The prompt a group's children were decomposed with.")
     package: Literal["zip", "psd", "pptx"] | None = None
+
+    @classmethod
+    def node_fields(cls, node: LayerNode) -> dict[str, Any]:
+        """The fields that place a layer in its tree (results.py sends parent and bbox as null, not absent)."""
+        role = "group" if node.children else "background" if node.index == 0 else "layer"
+        fields = dict(layer_index=node.index, role=role, path=node.path, parent=node.parent,
+                      bbox=list(node.bbox) if node.bbox is not None else None)
+        if node.children:
+            fields.update(crop_box=list(node.crop_box), prompt=node.prompt)
+        return fields
 
 
 class DecompositionInfo(BaseModel):
@@ -300,7 +362,9 @@ class ImagesResponse(BaseModel):
 
 
 class ProgressData(BaseModel):
-    """The data of an SSE ``progress`` event (stage: queued, started, step, decoding)."""
+    """The data of an SSE ``progress`` event (stage: queued, started, step, decoding). ``node``: the layer
+    whose refinement steps or decodes (null: the root decomposition, or the request as a whole); ``level``:
+    0 for the root, 1 for a refinement of a root layer, ..."""
 
     type: Literal["progress"] = "progress"
     id: str
@@ -309,6 +373,8 @@ class ProgressData(BaseModel):
     step: int | None = None
     num_steps: int | None = None
     queue_position: int | None = None
+    node: str | None = None
+    level: int = 0
 
 
 class ModelCard(BaseModel):

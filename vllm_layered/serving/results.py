@@ -1,19 +1,17 @@
-"""Finished decompositions -> the ImagesResponse body: one entry per layer (bottom first) in the
-chosen image format, or one packaged file per decomposition. CPU-bound: run it off the event loop."""
+"""Finished decompositions -> the ImagesResponse body: one entry per layer of each decomposition's tree (depth
+first, see ImageData) in the chosen image format, or one packaged file per decomposition. CPU-bound: run it off
+the event loop."""
 
 from __future__ import annotations
 
 import base64
 import time
 from collections.abc import Sequence
+from typing import Any
 
-from vllm_layered.model_executor.export import (
-    encode_png,
-    encode_webp,
-    layers_to_pptx_bytes,
-    layers_to_psd_bytes,
-    layers_to_zip_bytes,
-)
+from vllm_layered.layer_tree import LayerTree
+from vllm_layered.layer_tree_export import tree_to_pptx_bytes, tree_to_psd_bytes, tree_to_zip_bytes
+from vllm_layered.model_executor.export import encode_png, encode_webp
 from vllm_layered.serving.engine.request import RequestOutput
 from vllm_layered.serving.protocol import DecompositionInfo, ImageData, ImagesResponse
 
@@ -24,7 +22,10 @@ MIME_TYPES = {
     "psd": "image/vnd.adobe.photoshop",
     "pptx": "application/vnd.openxmlformats-officedocument.presentationml.presentation",
 }
-PACKAGERS = {"zip": layers_to_zip_bytes, "psd": layers_to_psd_bytes, "pptx": layers_to_pptx_bytes}
+# A tree without refinements packs as its layers alone would (layer_tree_export.py).
+PACKAGERS = {"zip": tree_to_zip_bytes, "psd": tree_to_psd_bytes, "pptx": tree_to_pptx_bytes}
+# Fields of a layer entry sent as null rather than left out: a client tells "no parent" from "not a tree field".
+_NULL_LAYER_FIELDS = ("parent", "bbox")
 
 
 def build_images_response(
@@ -37,27 +38,23 @@ def build_images_response(
     package: str | None,
     experimental: bool,
     png_compress_level: int,
-) -> dict:
+) -> dict[str, Any]:
     data: list[ImageData] = []
     for index, (output, seed) in enumerate(zip(outputs, seeds)):
-        common = dict(revised_prompt=output.prompt, decomposition_index=index, seed=seed, num_layers=len(output.layers))
+        tree = output.tree or LayerTree.from_layers(output.layers, output.prompt, seed)
+        common = dict(revised_prompt=output.prompt, decomposition_index=index, seed=seed, num_layers=len(tree.layers))
         if package is not None:
-            blob = PACKAGERS[package](output.layers)
+            blob = PACKAGERS[package](tree)
             data.append(ImageData(b64_json=_b64(blob), mime_type=MIME_TYPES[package], package=package, **common))
             continue
-        for layer_index, layer in enumerate(output.layers):
+        for node in tree.walk():
             if output_format == "webp":
-                blob = encode_webp(layer)
+                blob = encode_webp(node.image)
             else:
-                blob = encode_png(layer, compress_level=png_compress_level)
+                blob = encode_png(node.image, compress_level=png_compress_level)
             data.append(
-                ImageData(
-                    b64_json=_b64(blob),
-                    mime_type=MIME_TYPES[output_format],
-                    layer_index=layer_index,
-                    role="background" if layer_index == 0 else "layer",
-                    **common,
-                )
+                ImageData(b64_json=_b64(blob), mime_type=MIME_TYPES[output_format], **ImageData.node_fields(node),
+                          **common)
             )
     width, height = outputs[0].layers[0].size
     response = ImagesResponse(
@@ -75,7 +72,12 @@ def build_images_response(
         ],
         experimental=experimental,
     )
-    return response.model_dump(exclude_none=True)
+    body = response.model_dump(exclude_none=True)
+    for entry in body["data"]:
+        if "path" in entry:
+            for name in _NULL_LAYER_FIELDS:
+                entry.setdefault(name, None)
+    return body
 
 
 def _b64(blob: bytes) -> str:

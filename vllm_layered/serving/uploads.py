@@ -77,8 +77,9 @@ def _limited(request: Request, limit: int) -> Request:
     return Request(request.scope, receive)
 
 
-async def read_form(request: Request, limits: ServerLimits) -> tuple[dict[str, str], bytes]:
-    """The text fields of a multipart upload and the bytes of its single image file."""
+async def read_form(request: Request, limits: ServerLimits) -> tuple[dict[str, list[str]], bytes]:
+    """The text fields of a multipart upload (each name with its values, in the order sent) and the bytes of its
+    single image file."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise APIError(400, f"expected a multipart/form-data body, got {content_type or 'none'!r}", code="bad_body")
@@ -97,7 +98,10 @@ async def read_form(request: Request, limits: ServerLimits) -> tuple[dict[str, s
         raise APIError(400, f"malformed multipart body: {e.detail}", code="bad_multipart", headers=CLOSE) from None
     try:
         files = [(k, v) for k, v in form.multi_items() if isinstance(v, UploadFile)]
-        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        fields: dict[str, list[str]] = {}
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                fields.setdefault(name, []).append(value)
         images = [v for k, v in files if k in IMAGE_FIELDS]
         if not images:
             raise APIError(400, "missing the image file (multipart field 'image')", code="missing_image", param="image")

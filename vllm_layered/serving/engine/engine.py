@@ -16,6 +16,16 @@ budget (scheduler.pick_step_batch). They leave when they finish, are cancelled o
 memory of a leaving request is dropped at once. Preprocessing, denoising and decoding requests all count
 as running (num_running, admission's max_running).
 
+A request with refinements (a tree, request.py) is admitted once, for all of it: its queue cost and remaining
+work count every planned decomposition, and it holds the admission window's tokens of its largest level. When
+one of its decompositions is decoded (aux thread), the refinements of the layers it returned are cropped and
+queued for preprocessing, together; once all are prepared they join the running set together, as the request's
+own decompositions, and are packed into steps with other requests' like any other. So the refinements of one
+layer denoise in the same forwards, as LayeredPipeline.decompose_tree denoises them (it packs a whole depth,
+which the engine does only where the depth has one parent: a tree served alone then takes the offline path's
+steps). The request finishes when all are decoded; an empty layer to refine fails it with
+layer_tree.EmptyLayerError (the client's error).
+
 Failures: one request's failed work (its preprocessing, its decode, the forward of the batch it is in) fails
 those requests and the engine goes on. Anything else that raises on the step or aux thread (scheduler,
 observer, bookkeeping), or a model that can no longer run, is the engine's failure: every request ends with an
@@ -33,14 +43,24 @@ import itertools
 import logging
 import threading
 import time
+from collections import defaultdict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 
+from vllm_layered.layer_tree import (
+    DecompositionJob,
+    EmptyLayerError,
+    LayerTree,
+    parent_path,
+    plan_refinements,
+    refinement_job,
+)
 from vllm_layered.model_executor.denoise import DenoiseState
-from vllm_layered.model_executor.image_processing import bucket_size
-from vllm_layered.model_executor.pipeline import DECODE_CHUNK, LayeredPipeline
+from vllm_layered.model_executor.image_processing import MAX_ASPECT_RATIO, ConditionImage, bucket_size
+from vllm_layered.model_executor.pipeline import DECODE_CHUNK, MAX_LAYERS, LayeredPipeline
 from vllm_layered.model_executor.sequence_layout import SequenceLayout
 from vllm_layered.serving.engine.observer import EngineObserver
 from vllm_layered.serving.engine.request import (
@@ -48,6 +68,7 @@ from vllm_layered.serving.engine.request import (
     EngineOverloadedError,
     EngineRequest,
     LayeredRequest,
+    NodeRun,
     ProgressEvent,
     RequestHandle,
     RequestOutput,
@@ -124,12 +145,32 @@ def default_token_budget(pipeline: LayeredPipeline) -> int:
     return max(1 << 14, gpus * min(SATURATING_TOKENS, int(0.6 * free / per_token)))
 
 
-def request_tokens(request: LayeredRequest, text_len: int = ESTIMATED_TEXT_TOKENS) -> int:
-    """Tokens the request adds to every forward (both CFG branches)."""
-    width, height = bucket_size(request.image.width, request.image.height, request.params.resolution)
-    layout = SequenceLayout(text_len, request.params.layers, height // 16, width // 16)
+def decomposition_tokens(
+    request: LayeredRequest, image: ConditionImage, layers: int, text_len: int = ESTIMATED_TEXT_TOKENS
+) -> int:
+    """Tokens one decomposition of ``request`` (of ``image`` into ``layers``) adds to every forward (both CFG
+    branches)."""
+    width, height = bucket_size(image.width, image.height, request.params.resolution)
+    layout = SequenceLayout(text_len, layers, height // 16, width // 16)
     cfg = request.params.true_cfg_scale > 1 and request.negative_prompt is not None
     return layout.total_tokens * (2 if cfg else 1)
+
+
+def request_tokens(request: LayeredRequest, text_len: int = ESTIMATED_TEXT_TOKENS) -> int:
+    """Tokens the request's root decomposition adds to every forward (both CFG branches)."""
+    return decomposition_tokens(request, request.image, request.params.layers, text_len)
+
+
+def refinement_tokens(request: LayeredRequest, layers: int) -> int:
+    """Tokens a refinement into ``layers`` adds to every forward, estimated before its crop exists: a crop is
+    resized to the request's resolution, so its bucket has about the area of the root's."""
+    return decomposition_tokens(request, request.image, layers)
+
+
+def planned_work(request: LayeredRequest) -> int:
+    """Token-forwards of the whole request: its root decomposition and every refinement (estimated)."""
+    tokens = request_tokens(request) + sum(refinement_tokens(request, r.layers) for r in request.refine)
+    return tokens * request.params.num_inference_steps
 
 
 class ThreadedEngine:
@@ -146,10 +187,9 @@ class ThreadedEngine:
         self._lock = threading.Lock()  # guards the requests and the containers of their stages below
         self._wakeup = threading.Event()
         self._waiting = FairQueue(self.config.max_waiting, self.config.tenant_weights)
-        self._requests: dict[str, EngineRequest] = {}
-        self._preparing: dict[str, Future] = {}  # PREPROCESSING: their jobs on the aux thread
-        self._running: list[EngineRequest] = []  # DENOISING
-        self._decoding: dict[str, EngineRequest] = {}  # DECODING on the aux thread
+        self._requests: dict[str, EngineRequest] = {}  # waiting and running
+        self._preparing: dict[Future, list[NodeRun]] = {}  # aux jobs preprocessing decompositions of a request
+        self._running: list[NodeRun] = []  # decompositions DENOISING (decoding ones are in their aux jobs)
         self._aux = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layered-aux")
         self._step_stream = new_stream(pipeline.device)
         self._aux_stream = new_stream(pipeline.device)
@@ -170,7 +210,7 @@ class ThreadedEngine:
     @property
     def num_running(self) -> int:
         """Requests preprocessing, denoising or decoding."""
-        return len(self._preparing) + len(self._running) + len(self._decoding)
+        return len(self._requests) - len(self._waiting)
 
     @property
     def num_waiting(self) -> int:
@@ -183,16 +223,21 @@ class ThreadedEngine:
         running = waiting = 0
         with self._lock:
             for entry in self._requests.values():
-                state = entry.state
-                if state is not None:  # denoising or decoding
-                    running += (state.num_steps - state.step) * state.step_tokens
-                    continue
-                work = request_tokens(entry.request) * entry.request.params.num_inference_steps
                 if entry.status is RequestStatus.WAITING:
-                    waiting += work
-                elif entry.status is RequestStatus.PREPROCESSING:
-                    running += work
+                    waiting += planned_work(entry.request)
+                else:
+                    running += self._remaining_work(entry)
         return running, waiting
+
+    def _remaining_work(self, entry: EngineRequest) -> int:
+        """Token-forwards left in an admitted request (call with the lock held): of its decompositions started
+        (exact once prepared) and of the refinements still to start (estimated)."""
+        steps = entry.request.params.num_inference_steps
+        work = 0
+        for run in entry.runs:
+            state = run.state
+            work += (state.num_steps - state.step) * state.step_tokens if state is not None else run.tokens * steps
+        return work + sum(refinement_tokens(entry.request, r.layers) for r in entry.pending) * steps
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -217,10 +262,11 @@ class ThreadedEngine:
 
     def submit(self, request: LayeredRequest) -> RequestHandle:
         """Queue a request. Raises EngineOverloadedError when full, shutting down or failed; ValueError for bad
-        input."""
-        cost = request_tokens(request) * request.params.num_inference_steps
+        input (layer_tree.RefinementError for refinements that do not fit the tree)."""
+        plan = plan_refinements(request.refine, root_layers=request.params.layers, max_layers=MAX_LAYERS)
+        cost = planned_work(request)
         handle = RequestHandle(request, self.abort)
-        entry = EngineRequest(request, handle)
+        entry = EngineRequest(request, handle, pending=plan)
         with self._lock:  # under the lock: a request is either refused here or ended by _die / shutdown
             if not self._accepting:
                 if self._failure is not None:
@@ -243,15 +289,18 @@ class ThreadedEngine:
         return handle
 
     def abort(self, request_id: str) -> bool:
-        """Cancel a request. True: it will end CANCELLED, at once if it waits (or its preprocessing has not
-        started), else at the next boundary of its work. False: it is unknown or has already ended."""
+        """Cancel a request. True: it will end CANCELLED, at once if it waits (or none of its preprocessing has
+        started and nothing else of it runs), else at the next boundary of its work. False: it is unknown or has
+        already ended."""
         with self._lock:
             entry = self._requests.get(request_id)
             if entry is None:
                 return False
             entry.cancel_requested = True
-            job = self._preparing.get(request_id)
-            if self._waiting.remove(request_id) or (job is not None and job.cancel()):
+            jobs = [(job, runs) for job, runs in self._preparing.items() if runs[0].entry is entry]
+            cancelled = [job.cancel() for job, _ in jobs]  # those not started never will
+            idle = bool(entry.runs) and sum(len(runs) for _, runs in jobs) == len(entry.runs) and all(cancelled)
+            if self._waiting.remove(request_id) or idle:
                 self._end(entry, *entry.stop_reason(time.monotonic()))
         self._wakeup.set()
         return True
@@ -324,15 +373,16 @@ class ThreadedEngine:
         if entry.status.is_final:
             return
         entry.status = status
-        entry.state = None
         request_id = entry.request_id
         self._requests.pop(request_id, None)
         self._waiting.remove(request_id)
-        job = self._preparing.pop(request_id, None)
-        if job is not None:
+        for job in [job for job, runs in self._preparing.items() if runs[0].entry is entry]:
+            del self._preparing[job]
             job.cancel()  # not started yet: never will; started: it stops at its next boundary
-        self._running = [e for e in self._running if e is not entry]
-        self._decoding.pop(request_id, None)
+        for run in entry.runs:
+            run.state = None
+        self._running = [run for run in self._running if run.entry is not entry]
+        entry.runs, entry.pending = [], []
         self._loop.call_soon_threadsafe(entry.handle._finish, output, error)
         outcome = {RequestStatus.FINISHED: "success", RequestStatus.CANCELLED: "cancelled",
                    RequestStatus.EXPIRED: "deadline"}.get(status, "error")
@@ -359,7 +409,7 @@ class ThreadedEngine:
                         self._step()
                     elif self._preparing:  # nothing to denoise yet: wait for a preprocessing job, don't spin
                         with self._lock:
-                            jobs = list(self._preparing.values())
+                            jobs = list(self._preparing)
                         wait(jobs, timeout=0.05, return_when=FIRST_COMPLETED)
                     else:
                         self._wakeup.wait(0.05)
@@ -376,14 +426,24 @@ class ThreadedEngine:
         now = time.monotonic()
         with self._lock:
             waiting = [self._requests[request_id] for request_id in self._waiting.ordered()]
-            for entry in waiting + self._running:
+            denoising = list(dict.fromkeys(run.entry for run in self._running))
+            for entry in waiting + denoising:
                 stop = entry.stop_reason(now)
                 if stop is not None:
                     self._end(entry, *stop)
 
-    def _running_tokens(self) -> int:
-        active = self._running + [self._requests[r] for r in self._preparing]
-        return sum(request_tokens(e.request) for e in active)
+    def _window_tokens(self, entry: EngineRequest) -> int:
+        """Tokens a request holds in the admission window (call with the lock held): those of its decompositions
+        preprocessing or denoising (a waiting request: its root's), or, when more, of the largest level of its
+        refinements still to start, which join the running set without being admitted again."""
+        if entry.status is RequestStatus.WAITING:
+            now = request_tokens(entry.request)
+        else:
+            now = sum(run.tokens for run in entry.runs if run.state is None or not run.state.done)
+        levels: dict[int, int] = defaultdict(int)
+        for refinement in entry.pending:
+            levels[refinement.depth] += refinement_tokens(entry.request, refinement.layers)
+        return max([now, *levels.values()])
 
     def _admit(self) -> None:
         with self._lock:
@@ -392,28 +452,39 @@ class ThreadedEngine:
                 entry = self._requests[self._waiting.peek()]
                 busy = self.num_running > 0
                 window = ADMISSION_FACTOR * self.token_budget
-                if busy and self._running_tokens() + request_tokens(entry.request) > window:
+                admitted_tokens = sum(self._window_tokens(e) for e in self._requests.values()
+                                      if e.status is not RequestStatus.WAITING)
+                if busy and admitted_tokens + self._window_tokens(entry) > window:
                     break
                 self._waiting.pop()
+                request = entry.request
                 entry.status = RequestStatus.PREPROCESSING
                 entry.start_time = time.monotonic()
+                entry.seed = request.seed if request.seed is not None else next(self._seeds)
                 self.observer.on_request_started(entry.tenant, entry.start_time - entry.arrival_time)
                 self._notify(entry, ProgressEvent("started"))
-                self._preparing[entry.request_id] = self._aux.submit(self._prepare, entry)
+                root = DecompositionJob(None, request.image, request.params.layers, request.prompt, entry.seed)
+                self._start([NodeRun(entry, root, request_tokens(request))])
                 admitted = True
             if admitted:
                 for position, request_id in enumerate(self._waiting.ordered()):
                     self._notify(self._requests[request_id], ProgressEvent("queued", queue_position=position))
             self.observer.on_queue_state(self.num_running, self.num_waiting)
 
+    def _start(self, runs: list[NodeRun]) -> None:
+        """Queue the preprocessing of decompositions of one request on the aux thread, as one job: they join the
+        running set together (call with the lock held)."""
+        runs[0].entry.runs.extend(runs)
+        self._preparing[self._aux.submit(self._prepare, runs)] = runs
+
     def _collect_prepared(self) -> None:
         now = time.monotonic()
         with self._lock:
-            for request_id, job in list(self._preparing.items()):
+            for job, runs in list(self._preparing.items()):
                 if not job.done():
                     continue
-                del self._preparing[request_id]
-                entry = self._requests[request_id]
+                del self._preparing[job]
+                entry = runs[0].entry
                 stop = entry.stop_reason(now)
                 if stop is not None:
                     self._end(entry, *stop)
@@ -422,26 +493,31 @@ class ThreadedEngine:
                     error = exc if isinstance(exc, ValueError) else EngineError(f"preprocessing failed: {exc}")
                     self._end(entry, RequestStatus.FAILED, error)
                 else:
-                    entry.state, entry.prompt, handoff = job.result()
-                    handoff.receive()  # the step stream waits for the aux stream's writes of the state
+                    prepared, handoff = job.result()
+                    handoff.receive()  # the step stream waits for the aux stream's writes of the states
+                    for run, (state, prompt) in zip(runs, prepared):
+                        run.state, run.prompt, run.last_step = state, prompt, now
                     entry.status = RequestStatus.DENOISING
-                    entry.denoise_start = entry.last_step = now
-                    self._running.append(entry)
+                    if entry.denoise_start is None:
+                        entry.denoise_start = now
+                    self._running.extend(runs)
 
-    def _pick_batch(self) -> list[EngineRequest]:
+    def _pick_batch(self) -> list[NodeRun]:
+        """The decompositions that take the next step. A request's remaining work (srpt) is all of it: every
+        decomposition of a tree is ordered by the work left in the whole tree."""
         now = time.monotonic()
-        candidates = []
-        for entry in self._running:
-            state = entry.state
-            candidates.append(StepCandidate(entry, entry.request.priority,
-                                            (state.num_steps - state.step) * state.step_tokens, state.step_tokens,
-                                            now - entry.last_step, entry.arrival_time))
+        remaining = {entry: self._remaining_work(entry) for entry in dict.fromkeys(r.entry for r in self._running)}
+        candidates = [
+            StepCandidate(run, run.entry.request.priority, remaining[run.entry], run.state.step_tokens,
+                          now - run.last_step, run.entry.arrival_time)
+            for run in self._running
+        ]
         return pick_step_batch(candidates, self.token_budget, self.config.aging_s, self.config.step_order)
 
     def _step(self) -> None:
         with self._lock:
             batch = self._pick_batch()
-            states = [e.state for e in batch]
+            states = [run.state for run in batch]
         tokens = sum(state.step_tokens for state in states)
         start = time.monotonic()
         try:
@@ -450,30 +526,32 @@ class ThreadedEngine:
         except Exception as exc:  # a failed forward fails its requests (a broken model fails the engine: _watch)
             logger.exception("denoising step failed")
             with self._lock:
-                for entry in batch:
-                    self._end(entry, RequestStatus.FAILED, EngineError(f"denoising failed: {exc}"))
+                for run in batch:
+                    self._end(run.entry, RequestStatus.FAILED, EngineError(f"denoising failed: {exc}"))
             return
         now = time.monotonic()
         self.observer.on_step(now - start, len(batch), tokens)
         stepped, decodes = [], []
         with self._lock:  # leave the running set before anything can report the outcome
-            for entry, state in zip(batch, states):
+            for run, state in zip(batch, states):
+                entry = run.entry
                 if entry.status.is_final:  # ended meanwhile (the engine failed)
                     continue
-                entry.last_step = now
-                stepped.append((entry, ProgressEvent("step", step=state.step, num_steps=state.num_steps)))
+                run.last_step = now
+                stepped.append((entry, ProgressEvent("step", step=state.step, num_steps=state.num_steps,
+                                                     node=run.path)))
                 if state.done:
-                    self._running.remove(entry)
+                    self._running.remove(run)
                     entry.status = RequestStatus.DECODING
                     entry.decode_start = now
-                    self._decoding[entry.request_id] = entry
                     # the step stream has queued the last Euler update: the decode waits for it
-                    decodes.append((entry, state, Handoff.send(state_tensors(state))))
+                    decodes.append((run, state, Handoff.send(state_tensors(state))))
         for entry, event in stepped:
             self._notify(entry, event)
-        for entry, state, handoff in decodes:
-            self._notify(entry, ProgressEvent("decoding", step=state.step, num_steps=state.num_steps))
-            self._aux.submit(self._supervised, self._decode, entry, state, handoff)
+        for run, state, handoff in decodes:
+            event = ProgressEvent("decoding", step=state.step, num_steps=state.num_steps, node=run.path)
+            self._notify(run.entry, event)
+            self._aux.submit(self._supervised, self._decode, run, state, handoff)
 
     # -- aux thread --------------------------------------------------------------------------------
 
@@ -484,26 +562,32 @@ class ThreadedEngine:
         except BaseException as exc:
             self._die(exc)
 
-    def _prepare(self, entry: EngineRequest) -> tuple[DenoiseState, str, Handoff] | None:
-        """Prompt embeddings (after a caption if the prompt is empty), then condition latents and noise. None when
-        the request was cancelled or expired before or between the two (the step thread then ends it)."""
-        request = entry.request
-        if not self._goes_on(entry):
-            return None
-        seed = request.seed if request.seed is not None else next(self._seeds)
+    def _prepare(self, runs: list[NodeRun]) -> tuple[list[tuple[DenoiseState, str]], Handoff] | None:
+        """For each decomposition: prompt embeddings (after a caption if the prompt is empty), then condition
+        latents and noise; one Handoff for all. None when the request was cancelled or expired before or between
+        these stages (the step thread then ends it)."""
+        entry = runs[0].entry
+        prepared = []
         with torch.no_grad(), use_stream(self._aux_stream):
-            cond, neg, prompt = self.pipeline.encode_prompts(
-                request.image, request.prompt, request.negative_prompt, request.params
-            )
-            if not self._goes_on(entry):
-                return None
-            state = self.pipeline.prepare(
-                request.image, request.params, cond, neg, generator=torch.Generator("cpu").manual_seed(seed)
-            )
-            return state, prompt, Handoff.send(state_tensors(state))
+            for run in runs:
+                job, params = run.job, run.params
+                if not self._goes_on(entry):
+                    return None
+                cond, neg, prompt = self.pipeline.encode_prompts(job.image, job.prompt,
+                                                                 entry.request.negative_prompt, params)
+                if not self._goes_on(entry):
+                    return None
+                state = self.pipeline.prepare(
+                    job.image, params, cond, neg, generator=torch.Generator("cpu").manual_seed(job.seed)
+                )
+                prepared.append((state, prompt))
+            return prepared, Handoff.send(t for state, _ in prepared for t in state_tensors(state))
 
-    def _decode(self, entry: EngineRequest, state: DenoiseState, handoff: Handoff) -> None:
-        """VAE-decode a few layers at a time, stopping between chunks once the request is cancelled or expired."""
+    def _decode(self, run: NodeRun, state: DenoiseState, handoff: Handoff) -> None:
+        """VAE-decode a few layers at a time, stopping between chunks once the request is cancelled or expired;
+        then put them in the request's tree and start the refinements of these layers, or, with nothing left to
+        decompose, hand over the result."""
+        entry = run.entry
         layers = []
         try:
             with torch.no_grad(), use_stream(self._aux_stream):
@@ -516,21 +600,63 @@ class ThreadedEngine:
             with self._lock:
                 self._end(entry, RequestStatus.FAILED, EngineError(f"decoding failed: {exc}"))
             return
+        children: list[NodeRun] = []
+        if self._goes_on(entry):  # else the boundary below ends it
+            try:
+                children = self._grow_tree(run, layers)
+            except EmptyLayerError as exc:
+                with self._lock:
+                    self._end(entry, RequestStatus.FAILED, exc)
+                return
+            except Exception as exc:
+                logger.exception("preparing the refinements failed")
+                with self._lock:
+                    self._end(entry, RequestStatus.FAILED, EngineError(f"preparing the refinements failed: {exc}"))
+                return
         now = time.monotonic()
         with self._lock:  # the last boundary: a request cancelled by now ends cancelled, its layers dropped
             stop = entry.stop_reason(now)
             if stop is not None:
                 self._end(entry, *stop)
                 return
-            timings = {
-                "queue_s": entry.start_time - entry.arrival_time,
-                "preprocess_s": entry.denoise_start - entry.start_time,
-                "denoise_s": entry.decode_start - entry.denoise_start,
-                "decode_s": now - entry.decode_start,
-                "total_s": now - entry.arrival_time,
-            }
-            output = RequestOutput(entry.request_id, layers, entry.prompt, timings)
-            self._end(entry, RequestStatus.FINISHED, output=output)
+            if entry.status.is_final:  # ended meanwhile (the engine failed or stopped)
+                return
+            entry.runs.remove(run)
+            started = {child.path for child in children}
+            entry.pending = [r for r in entry.pending if r.path not in started]
+            if children:
+                self._start(children)
+            if not entry.runs:
+                self._end(entry, RequestStatus.FINISHED, output=self._output(entry, now))
+        self._wakeup.set()
+
+    @staticmethod
+    def _output(entry: EngineRequest, now: float) -> RequestOutput:
+        timings = {
+            "queue_s": entry.start_time - entry.arrival_time,
+            "preprocess_s": entry.denoise_start - entry.start_time,
+            "denoise_s": entry.decode_start - entry.denoise_start,
+            "decode_s": now - entry.decode_start,
+            "total_s": now - entry.arrival_time,
+        }
+        tree = entry.tree
+        return RequestOutput(entry.request_id, [node.image for node in tree.layers], tree.prompt, timings, tree)
+
+    def _grow_tree(self, run: NodeRun, layers: list[Image.Image]) -> list[NodeRun]:
+        """Put a decomposition's layers in its request's tree (the root's make the tree) and return the runs of
+        the refinements of these layers, their inputs cropped (aux thread: the only one that touches the tree)."""
+        entry = run.entry
+        if run.path is None:
+            entry.tree = LayerTree.from_layers(layers, run.prompt, entry.seed)
+        else:
+            entry.tree.attach(run.path, layers, run.box, run.prompt)
+        children = []
+        for refinement in entry.pending:
+            if parent_path(refinement.path) == run.path:
+                job, box = refinement_job(entry.tree, refinement, max_aspect_ratio=MAX_ASPECT_RATIO)
+                tokens = decomposition_tokens(entry.request, job.image, job.layers)
+                children.append(NodeRun(entry, job, tokens, box))
+        return children
 
 
 # The engine's first name, kept for code that imports it. It is not an asyncio object: it runs on its own threads.

@@ -3,6 +3,12 @@
 WAITING -> PREPROCESSING -> DENOISING -> DECODING -> FINISHED, or CANCELLED / EXPIRED / FAILED from any
 state. PREPROCESSING, DENOISING and DECODING are "running" (they hold engine resources). Progress events and
 the final output reach the caller through its RequestHandle.
+
+A request with refinements (layer_tree.py) is a tree of decompositions, still ONE request: one place in the
+queue, one deadline, one cancellation, one result. Each decomposition (``NodeRun``: the root, or the refinement
+of one layer) goes through preprocessing, denoising and decoding of its own; a refinement starts when the layer
+it refines has been decoded, and the request finishes when every planned decomposition has. Its status is the
+stage of its latest transition.
 """
 
 from __future__ import annotations
@@ -10,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
+from vllm_layered.layer_tree import Box, DecompositionJob, LayerTree, Refinement
 from vllm_layered.model_executor.denoise import DenoiseState
+from vllm_layered.model_executor.image_processing import ConditionImage
 from vllm_layered.model_executor.pipeline import GenerationParams
 
 
@@ -52,10 +60,13 @@ class RequestStatus(enum.Enum):
 
 @dataclass
 class LayeredRequest:
-    """What a caller submits. ``deadline`` is a time.monotonic() instant; ``priority``: higher runs first."""
+    """What a caller submits. ``deadline`` is a time.monotonic() instant; ``priority``: higher runs first.
+
+    ``refine``: layers to decompose again (layer_tree.py), checked at submit. Every refinement takes the
+    request's params with its own layer count; a refinement without a prompt has its input captioned."""
 
     request_id: str
-    image: Image.Image
+    image: ConditionImage
     params: GenerationParams = field(default_factory=GenerationParams)
     prompt: str | None = None
     negative_prompt: str | None = " "
@@ -63,24 +74,31 @@ class LayeredRequest:
     tenant: str = "default"
     priority: int = 0
     deadline: float | None = None
+    refine: Sequence[Refinement] = ()
 
 
 @dataclass
 class ProgressEvent:
-    """kind: 'queued' (with queue_position), 'started', 'step' (step of num_steps), 'decoding'."""
+    """kind: 'queued' (with queue_position), 'started', 'step' (step of num_steps), 'decoding'. ``node``: the
+    layer path whose refinement steps or decodes (None: the root decomposition, or the request as a whole)."""
 
     kind: str
     step: int = 0
     num_steps: int = 0
     queue_position: int | None = None
+    node: str | None = None
 
 
 @dataclass
 class RequestOutput:
+    """``layers``: the root decomposition's, bottom first; ``prompt``: the one it used. ``tree``: every
+    decomposition of the request (None where the output did not come from this engine: the vLLM-Omni route)."""
+
     request_id: str
     layers: list[Image.Image]
     prompt: str
     timings: dict[str, float]
+    tree: LayerTree | None = None
 
 
 class RequestHandle:
@@ -126,18 +144,25 @@ class RequestHandle:
 
 @dataclass(eq=False)
 class EngineRequest:
-    """Engine-internal state of one request (compared by identity)."""
+    """Engine-internal state of one request (compared by identity).
+
+    ``runs``: its decompositions started and not yet decoded; ``pending``: the refinements not started yet,
+    parents first; ``tree``: what is decoded so far (from the root's decode on); ``seed``: the root's (the
+    request's, or drawn at admission; the refinements' derive from it). Timings are the request's:
+    ``denoise_start`` when its first decomposition was ready to denoise, ``decode_start`` when its latest
+    decode began."""
 
     request: LayeredRequest
     handle: RequestHandle
+    pending: list[Refinement] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
-    state: DenoiseState | None = None
-    prompt: str = ""
+    seed: int | None = None
+    runs: list[NodeRun] = field(default_factory=list)
+    tree: LayerTree | None = None
     start_time: float | None = None
     denoise_start: float | None = None
     decode_start: float | None = None
-    last_step: float = 0.0  # when it last took a denoising step (or became ready to)
     cancel_requested: bool = False
 
     @property
@@ -160,3 +185,26 @@ class EngineRequest:
         if self.expired(now):
             return RequestStatus.EXPIRED, DeadlineExceededError(f"request {self.request_id} expired")
         return None
+
+
+@dataclass(eq=False)
+class NodeRun:
+    """One decomposition of a request in the engine (compared by identity): the root (``job.path`` None) or the
+    refinement of layer ``job.path``, whose input was cropped from ``box`` of the root canvas. ``tokens``: what it
+    adds to a forward, estimated before its prompt is encoded; ``state`` from its preprocessing until decoded."""
+
+    entry: EngineRequest
+    job: DecompositionJob
+    tokens: int
+    box: Box | None = None
+    state: DenoiseState | None = None
+    prompt: str = ""
+    last_step: float = 0.0  # when it last took a denoising step (or became ready to)
+
+    @property
+    def path(self) -> str | None:
+        return self.job.path
+
+    @property
+    def params(self) -> GenerationParams:
+        return replace(self.entry.request.params, layers=self.job.layers)

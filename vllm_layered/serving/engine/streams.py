@@ -11,8 +11,10 @@ the first Euler step replaced it, was allocated on the aux stream; the last late
 the step stream).
 
 So every tensor one stream writes and the other reads crosses with a ``Handoff``, the engine's only crossing:
-- prepare (aux) -> first step: the DenoiseState's noise, condition tokens and prompt embeddings;
+- prepare (aux) -> first step: the DenoiseStates' noise, condition tokens and prompt embeddings;
 - last step -> decode (aux): the DenoiseState after its last Euler update.
+A refinement of a decoded layer (a tree request) crosses the same two ways: its input is cropped from the decoded
+layer's pixels on the host, so no tensor crosses between a parent's decode and its children's preprocessing.
 ``Handoff.send`` (producer thread, after queueing the writes) records an event on the producer's stream;
 ``Handoff.receive`` (consumer thread, before queueing the reads) makes the consumer's stream wait for it, a wait
 on the GPU that blocks neither thread, and marks the tensors as used by the consumer's stream

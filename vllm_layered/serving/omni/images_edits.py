@@ -11,6 +11,10 @@ as on our server: the model captions the image):
   ``role``, ``seed``..., ``n`` decompositions with seeds ``seed .. seed + n - 1``;
 - for any other model it calls vLLM-Omni's own endpoint function with the form it parsed.
 
+``refine`` (a tree of decompositions, layer_tree.py) is refused with a 400: vLLM-Omni runs each request's
+decomposition as one engine call, with no way to start the refinements as their parent layers are
+decoded; ``vllm-layered serve`` runs trees.
+
 What it relies on is checked at install time: another vLLM-Omni version whose route or helpers
 differ stops the server at startup with a RuntimeError saying what is missing (vLLM-Omni does not
 catch errors of plugins), rather than serving other fields.
@@ -184,6 +188,10 @@ async def _layered_edit(form: dict[str, Any]) -> Response:
     if form["stream"]:
         raise HTTPException(status_code=HTTPStatus.BAD_REQUEST.value,
                             detail="stream=true is not supported for Qwen-Image-Layered on this server")
+    if any(name == "refine" or name.startswith("refine[") for name in (await raw_request.form()).keys()):
+        raise HTTPException(status_code=HTTPStatus.BAD_REQUEST.value,
+                            detail="refine (decomposing layers again) is not supported on vLLM-Omni's server; "
+                                   "use `vllm-layered serve`")
     try:
         response_id = resolve_request_id(raw_request.headers)
         options = _options(form)
