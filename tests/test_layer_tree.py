@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vllm_layered.formats import composite_layers
 from vllm_layered.layer_tree import (
     MAX_REFINE_DEPTH,
     MAX_REFINEMENTS,
@@ -38,7 +39,7 @@ from vllm_layered.layer_tree import (
     refinement_seed,
     refinements_from_form,
 )
-from vllm_layered.model_executor.image_processing import MAX_ASPECT_RATIO, bucket_size, composite_layers
+from vllm_layered.model_executor.image_processing import MAX_ASPECT_RATIO, bucket_size
 
 
 def plan(*specs, root_layers=3):

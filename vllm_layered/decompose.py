@@ -29,8 +29,8 @@ class CommandError(Exception):
 def decompose(args: argparse.Namespace, target: OutputTarget) -> int:
     """Run ``decompose`` with its parsed ``args``; ``target`` is where the layers go (checked already)."""
     from vllm_layered.clients.output import resize_tree
+    from vllm_layered.formats import save_tree
     from vllm_layered.layer_tree import parse_refinements, plan_refinements
-    from vllm_layered.layer_tree_export import save_tree
     from vllm_layered.model_args import load_pipeline, quantization
     from vllm_layered.model_executor.image_processing import bucket_size, load_image
     from vllm_layered.model_executor.models.text_encoder import CaptionUnavailableError

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from vllm_layered.formats import composite_layers
 from vllm_layered.layer_tree import (
     DecompositionJob,
     LayerTree,
@@ -33,7 +34,6 @@ from vllm_layered.model_executor.image_processing import (
     MAX_ASPECT_RATIO,
     ConditionImage,
     bucket_pixels,
-    composite_layers,
     image_to_tensor,
     load_image,
     tensor_to_images,

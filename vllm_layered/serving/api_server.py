@@ -30,7 +30,6 @@ hold the tree (folders, PSD groups, PPTX group shapes), and progress events name
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import math
 import time
@@ -46,6 +45,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vllm_layered.formats import missing_dependency
 from vllm_layered.layer_tree import (
     EmptyLayerError,
     RefinementError,
@@ -111,7 +111,6 @@ OVERLOAD_RETRY_AFTER_S = 1
 # Uploads decoded at once. A decode briefly holds about 8 bytes per input pixel (the RGBA image and the
 # premultiplied copy Pillow resizes: ~325 MB at 40 MP); the bound keeps that the same however many upload.
 DECODE_CONCURRENCY = 2
-_PACKAGE_MODULES = {"psd": "psd_tools", "pptx": "pptx"}
 _REJECTION_REASONS = {
     401: "unauthorized", 404: "model_not_found", 408: "body_timeout", 409: "conflict", 413: "too_large",
     503: "overloaded",
@@ -297,9 +296,9 @@ class LayeredAPI:
                 code="model_not_found", param="model",
             )
         self.limits.check_n(options.n)
-        if options.package in _PACKAGE_MODULES and importlib.util.find_spec(_PACKAGE_MODULES[options.package]) is None:
+        if options.package is not None and missing_dependency(options.package) is not None:
             raise APIError(
-                400, f"package={options.package} needs {_PACKAGE_MODULES[options.package]} on the server",
+                400, f"package={options.package} needs {missing_dependency(options.package)} on the server",
                 code="unsupported_package", param="package",
             )
         resolution = options.resolution
