@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from vllm_layered.clients.output import OutputTarget
-    from vllm_layered.layer_tree import DecompositionJob
+    from vllm_layered.layer_tree import TreeJob
 
 DEFAULT_STEPS = 50
 # The embedded tiny model's layers are noise whatever the step count: few steps keep its first run short.
@@ -130,7 +130,7 @@ class _TreeProgress:
         self.steps = steps
         self.bar = None
 
-    def stage(self, name: str, jobs: list[DecompositionJob]) -> None:
+    def stage(self, name: str, jobs: list[TreeJob]) -> None:
         from tqdm import tqdm
 
         root = jobs[0].path is None

@@ -22,9 +22,9 @@ from PIL import Image
 
 from vllm_layered.formats import composite_layers
 from vllm_layered.layer_tree import (
-    DecompositionJob,
     LayerTree,
     RefinementSpec,
+    TreeJob,
     build_tree,
     parse_refinements,
     plan_refinements,
@@ -58,7 +58,7 @@ PIPELINE_CLASS = "QwenImageLayeredPipeline"
 StepCallback = Callable[[int, int], None]
 # decompose_tree's stages, called as (stage, jobs) before each: "prepare" (captions, text and VAE encoding),
 # "denoise", "decode"; the jobs are one depth's decompositions (the root alone first, its path None).
-StageCallback = Callable[[str, list[DecompositionJob]], None]
+StageCallback = Callable[[str, list[TreeJob]], None]
 
 
 @dataclass
@@ -410,7 +410,7 @@ class LayeredPipeline:
 
     def _decompose_jobs(
         self,
-        jobs: list[DecompositionJob],
+        jobs: list[TreeJob],
         params: GenerationParams,
         negative_prompt: str | None,
         step_done: Callable[[], None],
