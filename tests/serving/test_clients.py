@@ -123,6 +123,20 @@ def test_refine_gives_the_tree_and_is_checked_before_sending(server):
         client.decompose(png_bytes(), refine=["1"])  # nothing listens there: refused before any request
 
 
+def test_an_unknown_keyword_is_refused_before_sending():
+    """decompose's keywords are DecomposeOptions: a misspelt one is a TypeError naming it, in both clients."""
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with LayeredClient(url) as client, pytest.raises(TypeError, match="unexpected keyword argument.*: step$"):
+        client.decompose(png_bytes(), step=2, seed=1)
+
+    async def run():
+        async with AsyncLayeredClient(url) as client:
+            await client.decompose(png_bytes(), layer=2)
+
+    with pytest.raises(TypeError, match=": layer$"):
+        asyncio.run(run())
+
+
 def test_errors_raise_with_the_server_message(server, image_path):
     with LayeredClient(server.base_url) as client:
         for on_progress in (None, print):
