@@ -20,15 +20,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vllm_layered.formats import composite_layers
 from vllm_layered.layer_tree import (
     MAX_REFINE_DEPTH,
     MAX_REFINEMENTS,
-    DecompositionJob,
     EmptyLayerError,
     LayerNode,
     LayerTree,
     Refinement,
     RefinementError,
+    TreeJob,
     build_tree,
     crop_box,
     parse_refinements,
@@ -38,7 +39,7 @@ from vllm_layered.layer_tree import (
     refinement_seed,
     refinements_from_form,
 )
-from vllm_layered.model_executor.image_processing import MAX_ASPECT_RATIO, bucket_size, composite_layers
+from vllm_layered.model_executor.image_processing import MAX_ASPECT_RATIO, bucket_size
 
 
 def plan(*specs, root_layers=3):
@@ -258,13 +259,13 @@ class BandDecomposer:
 
     def __init__(self, bucket: bool = False):
         self.bucket = bucket
-        self.calls: list[list[DecompositionJob]] = []
+        self.calls: list[list[TreeJob]] = []
 
     def __call__(self, jobs):
         self.calls.append(jobs)
         return [(self.split(job), f"prompt of {job.path}") for job in jobs]
 
-    def split(self, job: DecompositionJob) -> list[Image.Image]:
+    def split(self, job: TreeJob) -> list[Image.Image]:
         image = job.image
         if self.bucket:
             image = image.resize(bucket_size(*image.size, 640), Image.Resampling.LANCZOS)

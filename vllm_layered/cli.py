@@ -266,12 +266,12 @@ def _add_refine_argument(p: argparse.ArgumentParser) -> None:
 
 
 def _add_output_arguments(p: argparse.ArgumentParser) -> None:
-    from vllm_layered.clients.output import OUTPUT_FORMATS
+    from vllm_layered.formats import SAVE_FORMATS
 
     p.add_argument("--out", default="layers", metavar="PATH",
                    help="png: a folder (layer_00.png = bottom ... composite.png); zip/psd/pptx: a file with that "
                         "extension, or a folder that gets IMAGE_NAME.FORMAT")
-    p.add_argument("--format", default=None, choices=OUTPUT_FORMATS,
+    p.add_argument("--format", default=None, choices=SAVE_FORMATS,
                    help="default: from --out's extension (.zip, .psd, .pptx), else png")
     p.add_argument("--keep-size", action="store_true",
                    help="resize the layers to the input image's size (default: the resolution bucket's size, "

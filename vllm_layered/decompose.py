@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from vllm_layered.clients.output import OutputTarget
-    from vllm_layered.layer_tree import DecompositionJob
+    from vllm_layered.layer_tree import TreeJob
 
 DEFAULT_STEPS = 50
 # The embedded tiny model's layers are noise whatever the step count: few steps keep its first run short.
@@ -29,8 +29,8 @@ class CommandError(Exception):
 def decompose(args: argparse.Namespace, target: OutputTarget) -> int:
     """Run ``decompose`` with its parsed ``args``; ``target`` is where the layers go (checked already)."""
     from vllm_layered.clients.output import resize_tree
+    from vllm_layered.formats import save_tree
     from vllm_layered.layer_tree import parse_refinements, plan_refinements
-    from vllm_layered.layer_tree_export import save_tree
     from vllm_layered.model_args import load_pipeline, quantization
     from vllm_layered.model_executor.image_processing import bucket_size, load_image
     from vllm_layered.model_executor.models.text_encoder import CaptionUnavailableError
@@ -130,7 +130,7 @@ class _TreeProgress:
         self.steps = steps
         self.bar = None
 
-    def stage(self, name: str, jobs: list[DecompositionJob]) -> None:
+    def stage(self, name: str, jobs: list[TreeJob]) -> None:
         from tqdm import tqdm
 
         root = jobs[0].path is None

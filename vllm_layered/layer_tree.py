@@ -413,8 +413,10 @@ class LayerTree:
 
 
 @dataclass(frozen=True)
-class DecompositionJob:
-    """One decomposition of a tree: the root (``path`` None) or the refinement of layer ``path``."""
+class TreeJob:
+    """One decomposition of a tree: the root (``path`` None) or the refinement of layer ``path``; its input
+    image (a crop of the layer for a refinement), layer count, prompt (None: caption it) and seed. (Not
+    serving/jobs.py's DecompositionJob, which is one HTTP request's decompositions.)"""
 
     path: str | None
     image: Image.Image
@@ -424,15 +426,15 @@ class DecompositionJob:
 
 
 # Runs the jobs of one level of a tree together; for each job, its layers (any size) and the prompt used.
-Decomposer = Callable[[list[DecompositionJob]], list[tuple[list[Image.Image], str]]]
+Decomposer = Callable[[list[TreeJob]], list[tuple[list[Image.Image], str]]]
 
 
-def refinement_job(tree: LayerTree, refinement: Refinement, *, max_aspect_ratio: float) -> tuple[DecompositionJob, Box]:
+def refinement_job(tree: LayerTree, refinement: Refinement, *, max_aspect_ratio: float) -> tuple[TreeJob, Box]:
     """The decomposition that refines a layer of ``tree`` (its crop, layer count, prompt and derived seed) and
     the crop's box in the root canvas; EmptyLayerError when the layer is fully transparent."""
     crop, box = refinement_input(tree.node(refinement.path).image, refinement.path, max_aspect_ratio=max_aspect_ratio)
     seed = refinement_seed(tree.seed, refinement.path)
-    return DecompositionJob(refinement.path, crop, refinement.layers, refinement.prompt, seed), box
+    return TreeJob(refinement.path, crop, refinement.layers, refinement.prompt, seed), box
 
 
 def build_tree(
@@ -450,7 +452,7 @@ def build_tree(
     Every job of one depth goes to ``decompose`` in one call, so a decomposer can run them together. The
     root decomposition's layers set the canvas; each refinement's children are pasted back into it.
     """
-    ((root_layers, root_prompt),) = decompose([DecompositionJob(None, image, layers, prompt, seed)])
+    ((root_layers, root_prompt),) = decompose([TreeJob(None, image, layers, prompt, seed)])
     tree = LayerTree.from_layers(root_layers, root_prompt, seed)
     for depth in sorted({r.depth for r in plan}):
         level = [refinement_job(tree, r, max_aspect_ratio=max_aspect_ratio) for r in plan if r.depth == depth]

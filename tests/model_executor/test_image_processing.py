@@ -22,7 +22,6 @@ from vllm_layered.model_executor.image_processing import (
     InvalidImageError,
     bucket_pixels,
     bucket_size,
-    composite_layers,
     image_to_tensor,
     load_image,
     resize_to_bucket,
@@ -472,26 +471,3 @@ def test_tensor_to_images_rejects_bad_shapes_and_maps_nan():
         tensor_to_images(torch.zeros(4, 8, 8))
     (image,) = tensor_to_images(torch.full((1, 4, 2, 2), float("nan")))
     assert image.getpixel((0, 0)) == (0, 0, 0, 0)
-
-
-# ---- compositing ----------------------------------------------------------------------------------------
-
-
-def test_composite_layers_bottom_first():
-    bottom = Image.new("RGBA", (4, 4), (255, 0, 0, 255))
-    top = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
-    top.putpixel((1, 1), (0, 0, 255, 128))
-    merged = composite_layers([bottom, top])
-    assert merged.getpixel((0, 0)) == (255, 0, 0, 255)
-    assert merged.getpixel((1, 1)) == Image.alpha_composite(bottom, top).getpixel((1, 1))
-    assert composite_layers([top, bottom]).getpixel((1, 1)) == (255, 0, 0, 255)
-    assert bottom.getpixel((1, 1)) == (255, 0, 0, 255)  # inputs are left alone
-
-
-def test_composite_layers_rejects_bad_stacks():
-    with pytest.raises(ValueError):
-        composite_layers([])
-    with pytest.raises(ValueError, match="layer 1"):
-        composite_layers([Image.new("RGBA", (4, 4)), Image.new("RGBA", (4, 5))])
-    with pytest.raises(ValueError, match="layer 0"):
-        composite_layers([Image.new("RGB", (4, 4))])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vllm_layered.layer_tree import DecompositionJob, RefinementError, paste_children, refinement_input, refinement_seed
+from vllm_layered.layer_tree import RefinementError, TreeJob, paste_children, refinement_input, refinement_seed
 from vllm_layered.model_executor.image_processing import MAX_ASPECT_RATIO, bucket_size
 from vllm_layered.model_executor.pipeline import GenerationParams, LayeredPipeline
 
@@ -98,7 +98,7 @@ def test_packed_children_of_different_sizes_equal_their_runs_alone(pipeline):
     image = input_image()
     crops = [image.crop((0, 0, 96, 64)), image.crop((10, 4, 50, 60))]  # buckets 736x480 and 544x736
     assert bucket_size(*crops[0].size, 640) != bucket_size(*crops[1].size, 640)
-    jobs = [DecompositionJob("0", crops[0], 2, "a wall", 11), DecompositionJob("1", crops[1], 1, "a sofa", 12)]
+    jobs = [TreeJob("0", crops[0], 2, "a wall", 11), TreeJob("1", crops[1], 1, "a sofa", 12)]
     params = GenerationParams(num_inference_steps=STEPS)
     packed = pipeline._decompose_jobs(jobs, params, " ", lambda: None)
     for job, (layers, prompt) in zip(jobs, packed):

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from tests.serving.engine_helpers import WAIT_S, Gate, Recorder, request, run, started_engine, wait_for
 from tests.serving.helpers import assert_error, png_bytes
 from vllm_layered.model_executor.pipeline import LayeredPipeline
-from vllm_layered.serving import api_server
+from vllm_layered.serving import reply
 from vllm_layered.serving.api_server import build_app
 from vllm_layered.serving.engine.engine import EngineConfig, ThreadedEngine
 from vllm_layered.serving.engine.request import RequestCancelledError
@@ -148,7 +148,7 @@ def test_delete_answers_whether_it_cancelled(pipeline, monkeypatch):
     decode = Gate(when=lambda call: call == 1)
     monkeypatch.setattr(pipeline.vae, "decode", decode.wrap(pipeline.vae.decode))
     respond = Gate()
-    monkeypatch.setattr(api_server, "build_images_response", respond.wrap(api_server.build_images_response))
+    monkeypatch.setattr(reply, "build_images_response", respond.wrap(reply.build_images_response))
     engine = ThreadedEngine(pipeline, EngineConfig())
     app = build_app(engine, tenants=TenantRegistry.open(), limits=ServerLimits(), shutdown_grace_s=0.1)
     results: list = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import re
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from PIL import Image
@@ -49,6 +51,31 @@ def test_decompose_and_save_every_format(server, image_path, tmp_path):
     assert [layer.name for layer in psd] == ["Layer 0 (bottom)", "Layer 1 (top)"]
     slide = Presentation(layers.save_pptx(tmp_path / "l.pptx")).slides[0]
     assert len(slide.shapes) == 2
+
+
+def test_the_client_saves_the_files_the_server_packages(server, image_path, tmp_path):
+    """Layers.save_zip / save_psd / save_pptx of a response's layers are the server's package=zip|psd|pptx of the
+    same request: the same bytes (a PPTX's zip entries carry the time it was written: the same slide)."""
+    from pptx import Presentation
+
+    with LayeredClient(server.base_url) as client:
+        layers = client.decompose(image_path, layers=2, seed=4, **CHEAP)
+    fields = {"prompt": CHEAP["prompt"], "layers": "2", "seed": "4", "num_inference_steps": "1", "true_cfg_scale": "1"}
+
+    def package(fmt: str) -> bytes:
+        response = httpx.post(f"{server.base_url}/v1/images/edits", data={**fields, "package": fmt},
+                              files={"image": ("in.png", image_path.read_bytes(), "image/png")}, timeout=120)
+        assert response.status_code == 200, response.text
+        (entry,) = response.json()["data"]
+        return base64.b64decode(entry["b64_json"])
+
+    assert layers.save_zip(tmp_path / "l.zip").read_bytes() == package("zip")
+    assert layers.save_psd(tmp_path / "l.psd").read_bytes() == package("psd")
+    slides = [Presentation(io.BytesIO(data)) for data in (layers.save_pptx(tmp_path / "l.pptx").read_bytes(),
+                                                          package("pptx"))]
+    ours, servers = [(p.slide_width, p.slide_height, [(s.name, s.image.blob) for s in p.slides[0].shapes])
+                     for p in slides]
+    assert ours == servers and len(ours[2]) == 2
 
 
 def test_progress_callback_streams_before_the_layers(server):
@@ -94,6 +121,20 @@ def test_refine_gives_the_tree_and_is_checked_before_sending(server):
     assert layers.tree.node("0.0").image.size == layers[0].size
     with LayeredClient(f"http://127.0.0.1:{free_port()}") as client, pytest.raises(RefinementError, match="PATH:N"):
         client.decompose(png_bytes(), refine=["1"])  # nothing listens there: refused before any request
+
+
+def test_an_unknown_keyword_is_refused_before_sending():
+    """decompose's keywords are DecomposeOptions: a misspelt one is a TypeError naming it, in both clients."""
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with LayeredClient(url) as client, pytest.raises(TypeError, match="unexpected keyword argument.*: step$"):
+        client.decompose(png_bytes(), step=2, seed=1)
+
+    async def run():
+        async with AsyncLayeredClient(url) as client:
+            await client.decompose(png_bytes(), layer=2)
+
+    with pytest.raises(TypeError, match=": layer$"):
+        asyncio.run(run())
 
 
 def test_errors_raise_with_the_server_message(server, image_path):
@@ -212,18 +253,26 @@ def test_an_error_event_raises_through_the_openai_sdk(server):
     assert cancelled
 
 
-def test_the_clients_write_trees_without_torch():
-    """The tree exports the clients use (layer_tree_export.py, export.py, image_processing.py) load without torch."""
+def test_the_clients_and_the_formats_write_every_file_without_torch(tmp_path):
+    """The clients, their CLI and vllm_layered.formats load, and write a stack and a tree in every format, with
+    torch impossible to import."""
     code = (
         "import sys\n"
         "sys.modules['torch'] = None  # importing torch now fails\n"
         "from PIL import Image\n"
         "import vllm_layered.clients.cli\n"
+        "from vllm_layered.clients import Layers\n"
+        "from vllm_layered.formats import SAVE_FORMATS, save_tree\n"
         "from vllm_layered.layer_tree import LayerTree\n"
-        "from vllm_layered.layer_tree_export import tree_to_zip_bytes\n"
-        "tree = LayerTree.from_layers([Image.new('RGBA', (8, 8), (1, 2, 3, 255))], 'p', 0)\n"
+        "images = [Image.new('RGBA', (8, 8), (1, 2, 3, 255)), Image.new('RGBA', (8, 8))]\n"
+        "tree = LayerTree.from_layers(images, 'p', 0)\n"
         "tree.attach('0', [Image.new('RGBA', (4, 4), (9, 9, 9, 255))], (2, 2, 6, 6), 'q')\n"
-        "assert tree_to_zip_bytes(tree)\n"
+        f"out = {str(tmp_path)!r}\n"
+        "for fmt in SAVE_FORMATS:\n"
+        "    assert save_tree(tree, f'{out}/tree.{fmt}', fmt)\n"
+        "layers = Layers(images)\n"
+        "assert layers.save_pngs(out + '/stack') and layers.save_zip(out + '/stack.zip')\n"
+        "assert layers.save_psd(out + '/stack.psd') and layers.save_pptx(out + '/stack.pptx')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 

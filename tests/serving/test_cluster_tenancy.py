@@ -18,9 +18,6 @@ from tests.serving.redis_server import running_redis
 from vllm_layered.serving.redis_store import lease_key
 from vllm_layered.serving.tenants import hash_key
 
-# `serve` accepts --tenant-store but the server does not use the store yet: the lead wires it into
-# api_server.py (issue 18, phase 2), then removes this mark. With the wiring applied these tests passed.
-
 TTL_S = 2.0
 KEYS = {"pair": "sk-pair-0123456789", "rate": "sk-rate-0123456789", "solo": "sk-solo-0123456789",
         "gone": "sk-gone-0123456789"}

@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVING = ROOT / "vllm_layered" / "serving"
 # Calls that pass a computed code, and where it comes from (checked below).
 COMPUTED_CODE_SITES = {
-    ("api_server.py", "load_request_image"),  # InvalidImageError.code
-    ("api_server.py", "_read_generation"),  # InvalidImageError.code of the canvas bucket
-    ("api_server.py", "_admission_error"),  # AdmissionError.reason
+    ("intake.py", "load_request_image"),  # InvalidImageError.code
+    ("intake.py", "_read_generation"),  # InvalidImageError.code of the canvas bucket
+    ("errors.py", "admission_error"),  # AdmissionError.reason
     ("api_server.py", "http_error"),  # f"http_{status}" of starlette's routing errors
 }
 ROUTING_CODES = {"http_404": 404, "http_405": 405}  # unknown path, known path with another method

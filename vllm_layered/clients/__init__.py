@@ -11,6 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "AsyncLayeredClient": "vllm_layered.clients.client",
+    "DecomposeOptions": "vllm_layered.clients.client",
     "LayeredAPIError": "vllm_layered.clients.client",
     "LayeredClient": "vllm_layered.clients.client",
     "LayeredConnectionError": "vllm_layered.clients.client",

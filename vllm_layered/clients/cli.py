@@ -1,7 +1,7 @@
 """``vllm-layered client decompose IMAGE --base-url URL [--out PATH]``: decompose through a server.
 
 Writes where ``vllm-layered decompose`` would, as it would (vllm_layered.clients.output; refined layers with
-the tree exports of layer_tree_export.py), checked before the upload.
+vllm_layered.formats.save_tree), checked before the upload.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from PIL import Image, ImageOps
 
 from vllm_layered.clients.client import LayeredAPIError, LayeredClient, LayeredConnectionError, Progress
 from vllm_layered.clients.output import resize_tree, resolve_output
+from vllm_layered.formats import save_tree
 from vllm_layered.layer_tree import parse_refinements
-from vllm_layered.layer_tree_export import save_tree
 
 
 def queue_position_text(position: int) -> str:

@@ -15,7 +15,7 @@ import os
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypedDict
 
 import httpx
 import openai
@@ -24,6 +24,9 @@ from PIL import Image
 from vllm_layered.clients.layers import Layers
 from vllm_layered.clients.sse import SSEDecoder
 from vllm_layered.layer_tree import RefinementSpec, parse_refinements
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 ImageInput = str | os.PathLike | bytes | Image.Image | BinaryIO
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -69,6 +72,35 @@ def _connecting_to(base_url: str) -> Iterator[None]:
         raise LayeredConnectionError(base_url, e) from e
 
 
+@contextlib.contextmanager
+def _server_errors() -> Iterator[None]:
+    """Turn the openai SDK's error for an error answer into LayeredAPIError, as the streamed path raises it."""
+    try:
+        yield
+    except openai.APIStatusError as e:
+        raise LayeredAPIError.from_body(e.status_code, e.body if isinstance(e.body, dict) else {}) from None
+
+
+class DecomposeOptions(TypedDict, total=False):
+    """What ``decompose`` asks for besides the image; a keyword left out (or None) takes the server's default.
+
+    ``prompt``: "" (the default) lets the server caption the image. ``refine``: layers to decompose again,
+    "PATH:N" or {"layer": PATH, "layers": N[, "prompt": TEXT]} (layer_tree.py); the result's ``tree`` holds
+    them. ``request_id``: the X-Request-Id, by which the request can be cancelled."""
+
+    prompt: str
+    layers: int | None
+    resolution: int | None
+    steps: int | None
+    seed: int | None
+    negative_prompt: str | None
+    true_cfg_scale: float | None
+    cfg_normalize: bool | None
+    use_en_prompt: bool | None
+    refine: str | Sequence[RefinementSpec] | None
+    request_id: str | None
+
+
 @dataclass(frozen=True)
 class Progress:
     """stage: queued (queue_position), started, step (step of num_steps), decoding. ``node``: the layer whose
@@ -103,23 +135,24 @@ def _image_file(image: ImageInput) -> tuple[str, bytes, str]:
     return Path(getattr(image, "name", "image")).name, image.read(), "application/octet-stream"
 
 
-def _prepare(
-    model: str | None,
-    request_id: str | None,
-    steps: int | None,
-    refine: str | Sequence[RefinementSpec] | None,
-    **options: Any,
-) -> tuple[dict, dict]:
-    """(request fields that were given, headers); None means the server's default. ``refine`` is checked here
-    and sent as one JSON array."""
-    fields = {k: v for k, v in dict(options, num_inference_steps=steps, model=model).items() if v is not None}
-    refinements = parse_refinements(refine)
+def _prepare(model: str | None, options: DecomposeOptions) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """(prompt, request fields that were given, headers) of a decompose call; None means the server's default.
+    ``refine`` is checked here and sent as one JSON array."""
+    unknown = sorted(set(options) - set(DecomposeOptions.__annotations__))
+    if unknown:
+        raise TypeError(f"decompose() got unexpected keyword argument(s): {', '.join(unknown)}")
+    options = dict(options)
+    prompt = options.pop("prompt", "")
+    request_id = options.pop("request_id", None)
+    refinements = parse_refinements(options.pop("refine", None))
+    options["num_inference_steps"] = options.pop("steps", None)
+    fields = {k: v for k, v in dict(options, model=model).items() if v is not None}
     if refinements:
         fields["refine"] = json.dumps([
             {"layer": r.path, "layers": r.layers, **({"prompt": r.prompt} if r.prompt is not None else {})}
             for r in refinements
         ])
-    return fields, ({"X-Request-Id": request_id} if request_id else {})
+    return prompt, fields, ({"X-Request-Id": request_id} if request_id else {})
 
 
 def _edit_kwargs(image: ImageInput, prompt: str, fields: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
@@ -148,9 +181,11 @@ def _handle_event(event: str, data: Any, on_progress: Callable[[Progress], Any])
     return event == "result", data
 
 
-class LayeredClient:
-    """Blocking client. ``decompose`` returns the layers of one image, bottom first (and with ``refine``, the
-    tree of its refinements as ``Layers.tree``)."""
+class _Client:
+    """What both clients hold: the server's address, the model asked for, an openai and an httpx client."""
+
+    _openai_client: type[openai.OpenAI] | type[openai.AsyncOpenAI]
+    _http_client: type[httpx.Client] | type[httpx.AsyncClient]
 
     def __init__(
         self,
@@ -162,42 +197,34 @@ class LayeredClient:
     ) -> None:
         self.model = model
         self.base_url = base_url
-        self._openai = openai.OpenAI(base_url=_v1(base_url), api_key=api_key or "none", timeout=timeout, max_retries=0)
+        self._openai = self._openai_client(
+            base_url=_v1(base_url), api_key=api_key or "none", timeout=timeout, max_retries=0
+        )
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=_v1(base_url), headers=headers, timeout=timeout)
+        self._http = self._http_client(base_url=_v1(base_url), headers=headers, timeout=timeout)
+
+
+class LayeredClient(_Client):
+    """Blocking client. ``decompose`` returns the layers of one image, bottom first (and with ``refine``, the
+    tree of its refinements as ``Layers.tree``)."""
+
+    _openai_client = openai.OpenAI
+    _http_client = httpx.Client
 
     def decompose(
         self,
         image: ImageInput,
         *,
-        prompt: str = "",
-        layers: int | None = None,
-        resolution: int | None = None,
-        steps: int | None = None,
-        seed: int | None = None,
-        negative_prompt: str | None = None,
-        true_cfg_scale: float | None = None,
-        cfg_normalize: bool | None = None,
-        use_en_prompt: bool | None = None,
-        refine: str | Sequence[RefinementSpec] | None = None,
-        request_id: str | None = None,
         on_progress: Callable[[Progress], None] | None = None,
+        **options: Unpack[DecomposeOptions],
     ) -> Layers:
-        """An empty prompt lets the server caption the image. ``refine``: layers to decompose again, "PATH:N"
-        or {"layer": PATH, "layers": N[, "prompt": TEXT]} (layer_tree.py); the result's ``tree`` holds them.
-        ``on_progress`` gets each Progress."""
-        fields, headers = _prepare(
-            self.model, request_id, steps, refine, layers=layers, resolution=resolution, seed=seed,
-            negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, cfg_normalize=cfg_normalize,
-            use_en_prompt=use_en_prompt,
-        )
+        """The layers of ``image``, asked for with DecomposeOptions; ``on_progress`` gets each Progress."""
+        prompt, fields, headers = _prepare(self.model, options)
         with _connecting_to(self.base_url):
             if on_progress is not None:
                 return Layers.from_response(self._stream(image, prompt, fields, headers, on_progress))
-            try:
+            with _server_errors():
                 response = self._openai.images.edit(**_edit_kwargs(image, prompt, fields, headers))
-            except openai.APIStatusError as e:
-                raise LayeredAPIError.from_body(e.status_code, e.body if isinstance(e.body, dict) else {}) from None
         return Layers.from_response(response.model_dump())
 
     def _stream(self, image, prompt, fields, headers, on_progress) -> dict[str, Any]:
@@ -239,54 +266,26 @@ def _read_events(lines: Iterable[str], on_progress: Callable[[Progress], Any]) -
     raise LayeredAPIError(502, "the event stream ended without a result")
 
 
-class AsyncLayeredClient:
+class AsyncLayeredClient(_Client):
     """The asyncio twin of LayeredClient; ``on_progress`` may be a coroutine function."""
 
-    def __init__(
-        self,
-        base_url: str = DEFAULT_BASE_URL,
-        api_key: str | None = None,
-        *,
-        model: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-    ) -> None:
-        self.model = model
-        self.base_url = base_url
-        self._openai = openai.AsyncOpenAI(
-            base_url=_v1(base_url), api_key=api_key or "none", timeout=timeout, max_retries=0
-        )
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(base_url=_v1(base_url), headers=headers, timeout=timeout)
+    _openai_client = openai.AsyncOpenAI
+    _http_client = httpx.AsyncClient
 
     async def decompose(
         self,
         image: ImageInput,
         *,
-        prompt: str = "",
-        layers: int | None = None,
-        resolution: int | None = None,
-        steps: int | None = None,
-        seed: int | None = None,
-        negative_prompt: str | None = None,
-        true_cfg_scale: float | None = None,
-        cfg_normalize: bool | None = None,
-        use_en_prompt: bool | None = None,
-        refine: str | Sequence[RefinementSpec] | None = None,
-        request_id: str | None = None,
         on_progress: Callable[[Progress], Awaitable[None] | None] | None = None,
+        **options: Unpack[DecomposeOptions],
     ) -> Layers:
-        fields, headers = _prepare(
-            self.model, request_id, steps, refine, layers=layers, resolution=resolution, seed=seed,
-            negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, cfg_normalize=cfg_normalize,
-            use_en_prompt=use_en_prompt,
-        )
+        """The layers of ``image``, asked for with DecomposeOptions; ``on_progress`` gets each Progress."""
+        prompt, fields, headers = _prepare(self.model, options)
         with _connecting_to(self.base_url):
             if on_progress is not None:
                 return Layers.from_response(await self._stream(image, prompt, fields, headers, on_progress))
-            try:
+            with _server_errors():
                 response = await self._openai.images.edit(**_edit_kwargs(image, prompt, fields, headers))
-            except openai.APIStatusError as e:
-                raise LayeredAPIError.from_body(e.status_code, e.body if isinstance(e.body, dict) else {}) from None
         return Layers.from_response(response.model_dump())
 
     async def _stream(self, image, prompt, fields, headers, on_progress) -> dict[str, Any]:

@@ -1,16 +1,14 @@
 """The layers a server returned (RGBA, bottom first) and ways to save them; the tree of a request with
 refinements (``tree_from_response``).
 
-Needs only pillow; PSD and PPTX saving import psd-tools / python-pptx when called. A tree saves with
-vllm_layered.layer_tree_export.save_tree.
+Needs only pillow; PSD and PPTX saving import psd-tools / python-pptx when called. The files are those of
+vllm_layered.formats, the server's own; a tree saves with vllm_layered.formats.save_tree.
 """
 
 from __future__ import annotations
 
 import base64
-import importlib
 import io
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +16,8 @@ from typing import Any
 
 from PIL import Image
 
+from vllm_layered.formats import composite_layers, save_layers
 from vllm_layered.layer_tree import LayerTree, path_parts
-
-_EMU_PER_INCH = 914_400
-_SLIDE_LONG_SIDE_EMU = 12_192_000  # PowerPoint's widescreen width, 13.333 in
-_BLANK_SLIDE_LAYOUT = 6
 
 
 @dataclass
@@ -54,60 +49,23 @@ class Layers:
 
     def composite(self) -> Image.Image:
         """What the stack looks like: the layers alpha-composited bottom first."""
-        result = self.images[0].copy()
-        for layer in self.images[1:]:
-            result.alpha_composite(layer)
-        return result
+        return composite_layers(self.images)
 
     def save_pngs(self, folder: str | Path) -> list[Path]:
         """layer_00.png (bottom) ... and composite.png in ``folder`` (created if needed)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for name, image in self._named():
-            paths.append(folder / name)
-            image.save(paths[-1], format="PNG")
-        return paths
+        return save_layers(self.images, folder, "png")
 
     def save_zip(self, path: str | Path) -> Path:
         """The same files as save_pngs, in one zip."""
-        path = Path(path)
-        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
-            for name, image in self._named():
-                archive.writestr(name, _png(image))
-        return path
+        return save_layers(self.images, path, "zip")[0]
 
     def save_psd(self, path: str | Path) -> Path:
         """A layered Photoshop file, one pixel layer per image, bottom first (needs psd-tools)."""
-        psd_tools = _optional("psd_tools", "PSD")
-        pixel_layer = _optional("psd_tools.api.layers", "PSD").PixelLayer
-        document = psd_tools.PSDImage.frompil(self.composite())
-        for index, image in enumerate(self.images):
-            layer = pixel_layer.frompil(image, document, _layer_name(index, len(self)))
-            if not any(existing is layer for existing in document):  # older psd-tools do not append
-                document.append(layer)
-        document.save(str(path))
-        return Path(path)
+        return save_layers(self.images, path, "psd")[0]
 
     def save_pptx(self, path: str | Path) -> Path:
         """One slide with the layers as full-slide pictures, bottom first (needs python-pptx)."""
-        pptx = _optional("pptx", "PPTX")
-        width, height = self.images[0].size
-        presentation = pptx.Presentation()
-        scale = max(_SLIDE_LONG_SIDE_EMU / max(width, height), _EMU_PER_INCH / min(width, height))
-        presentation.slide_width, presentation.slide_height = round(width * scale), round(height * scale)
-        slide = presentation.slides.add_slide(presentation.slide_layouts[_BLANK_SLIDE_LAYOUT])
-        for index, image in enumerate(self.images):
-            picture = slide.shapes.add_picture(
-                io.BytesIO(_png(image)), 0, 0, presentation.slide_width, presentation.slide_height
-            )
-            picture.name = _layer_name(index, len(self))
-        presentation.save(str(path))
-        return Path(path)
-
-    def _named(self) -> list[tuple[str, Image.Image]]:
-        named = [(f"layer_{i:02d}.png", image) for i, image in enumerate(self.images)]
-        return named + [("composite.png", self.composite())]
+        return save_layers(self.images, path, "pptx")[0]
 
 
 def tree_from_response(body: dict[str, Any], decomposition_index: int = 0) -> LayerTree:
@@ -140,22 +98,3 @@ def tree_from_response(body: dict[str, Any], decomposition_index: int = 0) -> La
 
 def _image(entry: dict[str, Any]) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(entry["b64_json"]))).convert("RGBA")
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _layer_name(index: int, count: int) -> str:
-    suffix = " (bottom)" if index == 0 else " (top)" if index == count - 1 else ""
-    return f"Layer {index}{suffix}"
-
-
-def _optional(module: str, what: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        package = {"psd_tools": "psd-tools", "pptx": "python-pptx"}[module.split(".")[0]]
-        raise ImportError(f"saving {what} needs {package}: pip install {package}") from e

@@ -2,32 +2,25 @@
 
 - ``--format`` not given: taken from ``--out``'s extension (.zip, .psd, .pptx), else png.
 - png: ``--out`` is a folder (created if needed) that gets layer_00.png (bottom) ... and composite.png; with
-  ``--refine``, each refined layer also gets a folder of its children beside its file (layer_tree_export.py).
+  ``--refine``, each refined layer also gets a folder of its children beside its file (vllm_layered.formats).
 - zip, psd, pptx: ``--out`` is the file if it ends in that extension; a folder (one that exists, a path ending
   in "/", or a name without an extension) gets ``<input image name>.<format>``.
 
 Anything else (a png folder that is a file, a .zip name with --format psd, a parent that is a file, a
-missing psd-tools) is a ValueError naming the problem. Needs only the standard library (and pillow to resize).
+missing psd-tools) is a ValueError naming the problem. Needs only pillow.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from PIL import Image
+from PIL import Image
 
-    from vllm_layered.layer_tree import Box, LayerNode, LayerTree
-
-PACKAGE_FORMATS = ("zip", "psd", "pptx")
-OUTPUT_FORMATS = ("png", *PACKAGE_FORMATS)
-# The module each package format imports, and the distribution that provides it.
-_FORMAT_MODULES = {"psd": ("psd_tools", "psd-tools"), "pptx": ("pptx", "python-pptx")}
+from vllm_layered.formats import PACKAGE_FORMATS, SAVE_FORMATS, missing_dependency
+from vllm_layered.layer_tree import Box, LayerNode, LayerTree
 
 
 @dataclass(frozen=True)
@@ -46,8 +39,8 @@ def resolve_output(out: str | os.PathLike, fmt: str | None, image: str | os.Path
     names_folder = path.is_dir() or raw.endswith(("/", os.sep))
     if fmt is None:
         fmt = suffix if suffix in PACKAGE_FORMATS and not names_folder else "png"
-    if fmt not in OUTPUT_FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
+    if fmt not in SAVE_FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(SAVE_FORMATS)}, got {fmt!r}")
     if fmt == "png":
         if path.exists() and not path.is_dir():
             raise ValueError(f"--out {raw} is a file; PNG layers go into a folder (or pass --format zip/psd/pptx)")
@@ -78,16 +71,12 @@ def resolve_output(out: str | os.PathLike, fmt: str | None, image: str | os.Path
 def resize_layers(layers: list[Image.Image], size: tuple[int, int]) -> list[Image.Image]:
     """The layers resampled to ``size`` (width, height) with Lanczos, as the input was resized to the bucket;
     Pillow resizes RGBA with premultiplied alpha, so colours under transparent pixels do not bleed."""
-    from PIL import Image
-
     return [layer.resize(size, resample=Image.Resampling.LANCZOS) for layer in layers]
 
 
 def resize_tree(tree: LayerTree, size: tuple[int, int]) -> LayerTree:
     """The tree with every layer resampled to ``size`` as resize_layers does; frames (the regions each
     decomposition saw) scaled alike, rounded outward."""
-    from vllm_layered.layer_tree import LayerNode, LayerTree
-
     scale_x, scale_y = size[0] / tree.size[0], size[1] / tree.size[1]
 
     def frame(box: Box) -> Box:
@@ -115,9 +104,8 @@ def _check_writable(folder: Path) -> None:
 
 
 def _check_export_dependency(fmt: str) -> None:
-    if fmt in _FORMAT_MODULES:
-        module, package = _FORMAT_MODULES[fmt]
-        if importlib.util.find_spec(module) is None:
-            raise ValueError(
-                f"--format {fmt} needs {package}, part of the 'export' extra: pip install 'vllm-layered[export]'"
-            )
+    package = missing_dependency(fmt)
+    if package is not None:
+        raise ValueError(
+            f"--format {fmt} needs {package}, part of the 'export' extra: pip install 'vllm-layered[export]'"
+        )

@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from vllm_layered.kernels.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS, quantize_row_values, quantize_rows_ref
-from vllm_layered.kernels.triton_utils import require_triton, row_settings, tl, triton
+from vllm_layered.kernels.triton_utils import (
+    check_one_device,
+    last_dim_contiguous,
+    require_triton,
+    row_output,
+    row_settings,
+    tl,
+    triton,
+)
 
 __all__ = [
     "gated_residual", "gated_residual_ref", "layernorm_modulate", "layernorm_modulate_fp8",
@@ -109,14 +117,7 @@ def _check_inputs(
         num_segments = t.shape[0]
     if seg.shape != (n,) or seg.dtype not in _INDEX_DTYPES:
         raise ValueError(f"seg must be int32/int64 of shape ({n},), got {seg.dtype} {tuple(seg.shape)}")
-    tensors = [x, seg, *tables.values(), *(t for t in others.values() if t is not None)]
-    if any(t.device != x.device for t in tensors):
-        raise ValueError("all tensors must be on x's device")
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """Row-strided views (shift/scale/gate chunks of one modulation output) are read in place."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    check_one_device("x", x, seg, *tables.values(), *others.values())
 
 
 def layernorm_modulate(
@@ -134,12 +135,9 @@ def layernorm_modulate(
     """
     require_triton("layernorm_modulate")
     _check_inputs(x, {"shift": shift, "scale": scale}, seg, {"out": out})
-    x, shift, scale = (_last_dim_contiguous(t) for t in (x, shift, scale))
+    x, shift, scale = (last_dim_contiguous(t) for t in (x, shift, scale))
     seg = seg.contiguous()
-    if out is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    elif out.stride(-1) != 1:
-        raise ValueError("out must be contiguous over C")
+    out = row_output(out, x, "C")
     _launch_layernorm_modulate(x, shift, scale, seg, eps, out, None)
     return out
 
@@ -187,7 +185,7 @@ def layernorm_modulate_fp8(
     writing and re-reading that output."""
     require_triton("layernorm_modulate_fp8")
     _check_inputs(x, {"shift": shift, "scale": scale}, seg, {})
-    x, shift, scale = (_last_dim_contiguous(t) for t in (x, shift, scale))
+    x, shift, scale = (last_dim_contiguous(t) for t in (x, shift, scale))
     q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
     q_scale = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     _launch_layernorm_modulate(x, shift, scale, seg.contiguous(), eps, q, q_scale)
@@ -227,12 +225,9 @@ def gated_residual(
             raise ValueError("inplace needs x contiguous over C")
         out = x
     else:
-        x = _last_dim_contiguous(x)
-        if out is None:
-            out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        elif out.stride(-1) != 1:
-            raise ValueError("out must be contiguous over C")
-    y, gate = _last_dim_contiguous(y), _last_dim_contiguous(gate)
+        x = last_dim_contiguous(x)
+        out = row_output(out, x, "C")
+    y, gate = last_dim_contiguous(y), last_dim_contiguous(gate)
     seg = seg.contiguous()
     if n == 0:
         return out

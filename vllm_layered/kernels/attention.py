@@ -23,7 +23,15 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from vllm_layered.kernels.triton_utils import interpreting, next_power_of_2, require_triton, tl, triton
+from vllm_layered.kernels.triton_utils import (
+    check_one_device,
+    interpreting,
+    last_dim_contiguous,
+    next_power_of_2,
+    require_triton,
+    tl,
+    triton,
+)
 
 __all__ = [
     "BACKENDS",
@@ -177,8 +185,7 @@ def _check_inputs(
                          f"{tuple(cu_seqlens.shape)}")
     if not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
         raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
-    if any(t.device != q.device for t in (k, v, cu_seqlens)):
-        raise ValueError("q, k, v and cu_seqlens must be on one device")
+    check_one_device("q", q, k, v, cu_seqlens)
 
 
 def softmax_scale(scale: float | None, head_dim: int) -> float:
@@ -226,7 +233,7 @@ def varlen_attention(
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {head_dim}")
     qk_scale = softmax_scale(scale, head_dim) * _LOG2E
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     cu_seqlens = cu_seqlens.contiguous()
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)

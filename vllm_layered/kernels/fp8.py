@@ -16,7 +16,14 @@ compute the same math in float32 on any device.
 import torch
 import torch.nn.functional as F
 
-from vllm_layered.kernels.triton_utils import require_triton, row_settings, tl, triton
+from vllm_layered.kernels.triton_utils import (
+    check_one_device,
+    last_dim_contiguous,
+    require_triton,
+    row_settings,
+    tl,
+    triton,
+)
 
 __all__ = [
     "FP8_DTYPE", "FP8_MAX", "SCALE_EPS", "fp8_gemm", "fp8_gemm_ref", "quantize_row_values", "quantize_rows",
@@ -81,8 +88,7 @@ def quantize_rows(
     float32). With ``gelu``, quantizes GELU(tanh)(x) instead."""
     require_triton("quantize_rows")
     _check_rows(x)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = last_dim_contiguous(x)
     m, k = x.shape
     q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
@@ -139,9 +145,7 @@ def _check_gemm(
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     if out is not None and (out.shape != (m, n) or out.dtype != out_dtype):
         raise ValueError(f"out must be {out_dtype} of shape {(m, n)}, got {out.dtype} {tuple(out.shape)}")
-    tensors = [t for t in (xq, x_scale, wq, w_scale, bias, out) if t is not None]
-    if any(t.device != xq.device for t in tensors):
-        raise ValueError("all tensors must be on xq's device")
+    check_one_device("xq", xq, x_scale, wq, w_scale, bias, out)
 
 
 def fp8_gemm(

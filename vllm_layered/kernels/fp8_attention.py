@@ -36,7 +36,15 @@ import torch.nn.functional as F
 
 from vllm_layered.kernels.attention import check_seq_bounds, softmax_scale
 from vllm_layered.kernels.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS
-from vllm_layered.kernels.triton_utils import next_power_of_2, require_triton, row_settings, tl, triton
+from vllm_layered.kernels.triton_utils import (
+    check_one_device,
+    last_dim_contiguous,
+    next_power_of_2,
+    require_triton,
+    row_settings,
+    tl,
+    triton,
+)
 
 __all__ = [
     "O_HEADROOM", "QK_BOUND_MARGIN", "Fp8AttentionScales", "QuantizedV", "check_attention_inputs",
@@ -155,8 +163,7 @@ def _check_v(v: torch.Tensor, seq_amax: torch.Tensor, cu_seqlens: torch.Tensor, 
                          f"{tuple(cu_seqlens.shape)}")
     if row_offset < 0:
         raise ValueError(f"row_offset must be >= 0, got {row_offset}")
-    if seq_amax.device != v.device or cu_seqlens.device != v.device:
-        raise ValueError("v, seq_amax and cu_seqlens must be on one device")
+    check_one_device("v", v, seq_amax, cu_seqlens)
 
 
 def quantize_v(v: torch.Tensor, seq_amax: torch.Tensor, cu_seqlens: torch.Tensor, row_offset: int = 0) -> QuantizedV:
@@ -167,8 +174,7 @@ def quantize_v(v: torch.Tensor, seq_amax: torch.Tensor, cu_seqlens: torch.Tensor
     place."""
     require_triton("quantize_v")
     _check_v(v, seq_amax, cu_seqlens, row_offset)
-    if v.stride(-1) != 1:
-        v = v.contiguous()
+    v = last_dim_contiguous(v)
     m, k = v.shape
     if m == 0:  # no program would write the scales
         return quantize_v_ref(v, seq_amax, cu_seqlens, row_offset)
@@ -219,8 +225,7 @@ def check_attention_inputs(
         t = getattr(scales, name)
         if t.shape != (count,) or t.dtype != torch.float32:
             raise ValueError(f"scales.{name} must be float32 of shape ({count},), got {t.dtype} {tuple(t.shape)}")
-    if any(t.device != q.device for t in (k, v, scales.q, scales.k, scales.v, scales.o_inv)):
-        raise ValueError("q, k, v and their scales must be on one device")
+    check_one_device("q", q, k, v, scales.q, scales.k, scales.v, scales.o_inv)
 
 
 def fp8_attention_ref(

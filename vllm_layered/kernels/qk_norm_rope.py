@@ -19,7 +19,15 @@ import math
 import torch
 
 from vllm_layered.kernels.fp8 import FP8_DTYPE, FP8_MAX, quantize_with_scale_ref
-from vllm_layered.kernels.triton_utils import require_triton, row_settings, tl, triton
+from vllm_layered.kernels.triton_utils import (
+    check_one_device,
+    last_dim_contiguous,
+    require_triton,
+    row_output,
+    row_settings,
+    tl,
+    triton,
+)
 
 __all__ = ["qk_norm_rope", "qk_norm_rope_ref"]
 
@@ -108,9 +116,7 @@ def _check_inputs(
             raise ValueError(f"out must be {out_dtype} (x's dtype, or e4m3 with out_scale), got {out.dtype}")
     if out_scale is not None and not (isinstance(out_scale, float) and math.isfinite(out_scale) and out_scale > 0):
         raise ValueError(f"out_scale must be a positive finite float, got {out_scale!r}")
-    tensors = [t for t in (x, weight, cos, sin, out, out_rows) if t is not None]
-    if any(t.device != x.device for t in tensors):
-        raise ValueError("all tensors must be on x's device")
+    check_one_device("x", x, weight, cos, sin, out, out_rows)
 
 
 def _heads_per_program(num_heads: int, head_dim: int) -> int:
@@ -120,11 +126,6 @@ def _heads_per_program(num_heads: int, head_dim: int) -> int:
     while block > 1 and block * head_dim > 2048:
         block //= 2
     return block
-
-
-def _rows_last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """Keep strided [N, H, D] views (e.g. q out of a fused QKV output) if D is contiguous."""
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def qk_norm_rope(
@@ -149,12 +150,9 @@ def qk_norm_rope(
     n, h, d = x.shape
     if d & (d - 1):
         raise ValueError(f"the Triton kernel needs a power-of-two head dim, got {d}")
-    x = _rows_last_dim_contiguous(x)
+    x = last_dim_contiguous(x)
     weight, cos, sin = weight.contiguous(), cos.contiguous(), sin.contiguous()
-    if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype if out_scale is None else FP8_DTYPE, device=x.device)
-    elif out.stride(-1) != 1:
-        raise ValueError("out must be contiguous over the head dim")
+    out = row_output(out, x, "the head dim", dtype=None if out_scale is None else FP8_DTYPE)
     if out_rows is not None:
         out_rows = out_rows.contiguous()
     if n == 0:

@@ -41,7 +41,10 @@ except ImportError:  # pragma: no cover - exercised only where Triton is absent
     triton = _TritonPlaceholder()
     tl = _LanguagePlaceholder()
 
-__all__ = ["HAS_TRITON", "interpreting", "next_power_of_2", "require_triton", "row_settings", "tl", "triton"]
+__all__ = [
+    "HAS_TRITON", "check_one_device", "interpreting", "last_dim_contiguous", "next_power_of_2", "require_triton",
+    "row_output", "row_settings", "tl", "triton",
+]
 
 
 def require_triton(op: str) -> None:
@@ -74,6 +77,31 @@ def row_settings(n: int) -> tuple[int, int]:
     elif block >= 2048:
         num_warps = 8
     return block, num_warps
+
+
+def check_one_device(name: str, first: torch.Tensor, *others: torch.Tensor | None) -> None:
+    """ValueError unless each of ``others`` (None: an optional tensor not given) is on ``first``'s device;
+    ``name`` names ``first`` in the message."""
+    if any(t is not None and t.device != first.device for t in others):
+        raise ValueError(f"all tensors must be on {name}'s device")
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim is contiguous (a kernel reads strided rows and heads in place, e.g. views
+    of one fused QKV or modulation output), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def row_output(
+    out: torch.Tensor | None, like: torch.Tensor, last_dim: str, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """A kernel's output: ``out``, which must be contiguous over its last dim (named ``last_dim`` in the error), or
+    a new contiguous tensor of ``like``'s shape and device, in ``dtype`` (default: like's)."""
+    if out is None:
+        return torch.empty(like.shape, dtype=dtype or like.dtype, device=like.device)
+    if out.stride(-1) != 1:
+        raise ValueError(f"out must be contiguous over {last_dim}")
+    return out
 
 
 def use_triton(x: torch.Tensor) -> bool:

@@ -6,9 +6,8 @@ the reference's bit for bit, and adds what a server taking untrusted uploads nee
 check made from the header before any pixel is decoded, one error type with a machine-readable code
 for every way an upload can be bad, and conversion of every common pixel format to RGBA.
 
-torch is imported by the two tensor conversions only, when first called: the rest (loading, buckets,
-compositing layers) serves the layer files (export.py, layer_tree_export.py) and the thin clients, which
-run without torch.
+torch is imported by the two tensor conversions only, when first called: the rest needs numpy and pillow
+alone. Layer stacks (checking, compositing, files) are formats.py's.
 """
 
 from __future__ import annotations
@@ -303,27 +302,3 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
     pixels = (unit * 255).round().nan_to_num_(0.0).to(torch.uint8)
     pixels = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
     return [Image.fromarray(p) for p in pixels]
-
-
-def check_layers(layers: list[Image.Image]) -> tuple[int, int]:
-    """The common (width, height) of a non-empty list of RGBA layers; ValueError naming the odd one out."""
-    if not layers:
-        raise ValueError("expected at least one layer")
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, Image.Image):
-            raise ValueError(f"layer {i} is a {type(layer).__name__}, not a PIL image")
-        width, height = layers[0].size
-        if layer.mode != "RGBA" or layer.size != (width, height):
-            raise ValueError(
-                f"layer {i} is {layer.mode} {layer.size[0]}x{layer.size[1]}; expected RGBA {width}x{height}"
-            )
-    return layers[0].size
-
-
-def composite_layers(layers: list[Image.Image]) -> Image.Image:
-    """Alpha-composite RGBA layers of one size, the first at the bottom, into a new RGBA image."""
-    check_layers(layers)
-    result = layers[0].copy()
-    for layer in layers[1:]:
-        result.alpha_composite(layer)
-    return result

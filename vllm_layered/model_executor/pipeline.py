@@ -13,17 +13,19 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 
+from vllm_layered.formats import composite_layers
 from vllm_layered.layer_tree import (
-    DecompositionJob,
     LayerTree,
     RefinementSpec,
+    TreeJob,
     build_tree,
     parse_refinements,
     plan_refinements,
@@ -33,7 +35,6 @@ from vllm_layered.model_executor.image_processing import (
     MAX_ASPECT_RATIO,
     ConditionImage,
     bucket_pixels,
-    composite_layers,
     image_to_tensor,
     load_image,
     tensor_to_images,
@@ -58,7 +59,7 @@ PIPELINE_CLASS = "QwenImageLayeredPipeline"
 StepCallback = Callable[[int, int], None]
 # decompose_tree's stages, called as (stage, jobs) before each: "prepare" (captions, text and VAE encoding),
 # "denoise", "decode"; the jobs are one depth's decompositions (the root alone first, its path None).
-StageCallback = Callable[[str, list[DecompositionJob]], None]
+StageCallback = Callable[[str, list[TreeJob]], None]
 
 
 @dataclass
@@ -96,6 +97,12 @@ class GenerationParams:
             raise ValueError(f"true_cfg_scale must be >= 0, got {self.true_cfg_scale}")
         if not 1 <= self.max_sequence_length <= 1024:
             raise ValueError(f"max_sequence_length must be between 1 and 1024, got {self.max_sequence_length}")
+
+    @classmethod
+    def from_arguments(cls, arguments: Mapping[str, Any]) -> GenerationParams:
+        """The params of a call that takes each of them as an argument of the same name (diffusers' names, as
+        the pipeline's entry points do): ``from_arguments(locals())`` at the top of such a call."""
+        return cls(**{field.name: arguments[field.name] for field in fields(cls)})
 
 
 def resolve_model_path(path_or_id: str | os.PathLike) -> Path:
@@ -316,15 +323,7 @@ class LayeredPipeline:
         an optional [B, L] mask) replace the drawn noise and the text encoder, as in diffusers.
         ``callback(step, num_steps)`` is called after every denoising step.
         """
-        params = GenerationParams(
-            layers=layers,
-            resolution=resolution,
-            num_inference_steps=num_inference_steps,
-            true_cfg_scale=true_cfg_scale,
-            cfg_normalize=cfg_normalize,
-            use_en_prompt=use_en_prompt,
-            max_sequence_length=max_sequence_length,
-        )
+        params = GenerationParams.from_arguments(locals())
         single = not isinstance(image, (list, tuple))
         images = [load_image(x) for x in ([image] if single else image)]
         batch = len(images)
@@ -379,15 +378,7 @@ class LayeredPipeline:
         ``callback(step, total)`` counts the steps of every level: total = num_inference_steps x levels.
         ``stage_callback(stage, jobs)`` is called before each level's "prepare", "denoise" and "decode".
         """
-        params = GenerationParams(
-            layers=layers,
-            resolution=resolution,
-            num_inference_steps=num_inference_steps,
-            true_cfg_scale=true_cfg_scale,
-            cfg_normalize=cfg_normalize,
-            use_en_prompt=use_en_prompt,
-            max_sequence_length=max_sequence_length,
-        )
+        params = GenerationParams.from_arguments(locals())
         plan = plan_refinements(parse_refinements(refine), root_layers=layers, max_layers=MAX_LAYERS)
         total = num_inference_steps * (1 + max((r.depth for r in plan), default=0))
         done = 0
@@ -410,7 +401,7 @@ class LayeredPipeline:
 
     def _decompose_jobs(
         self,
-        jobs: list[DecompositionJob],
+        jobs: list[TreeJob],
         params: GenerationParams,
         negative_prompt: str | None,
         step_done: Callable[[], None],

@@ -24,12 +24,11 @@ from pydantic import (
     model_validator,
 )
 
+from vllm_layered.formats import IMAGE_FORMATS, PACKAGE_FORMATS, ImageFormat, PackageFormat
 from vllm_layered.layer_tree import LayerNode, Refinement, parse_refinements
 from vllm_layered.model_executor.text import check_text
 
 LAYER_ORDER = "bottom_to_top"
-PACKAGE_FORMATS = ("zip", "psd", "pptx")
-OUTPUT_FORMATS = ("png", "webp")
 MAX_SEED = 2**63 - 1
 # The official app guides with 4; the bound keeps neg + s * (cond - neg) far from float overflow (NaN layers).
 MAX_CFG_SCALE = 100.0
@@ -190,8 +189,8 @@ class LayeredOptions(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first decomposition (default: random).")
     cfg_normalize: bool = True
     use_en_prompt: bool = Field(True, description="Auto-caption in English (false: Chinese) when prompt is empty.")
-    output_format: Literal["png", "webp"] = Field("png", description="Encoding of each layer (lossless).")
-    package: Literal["zip", "psd", "pptx"] | None = Field(
+    output_format: ImageFormat = Field("png", description="Encoding of each layer (lossless).")
+    package: PackageFormat | None = Field(
         None,
         description="Return each decomposition as ONE file (zip of PNGs, layered PSD or one-slide PPTX) "
         "in a single data entry instead of one entry per layer.",
@@ -245,7 +244,7 @@ class LayeredOptions(BaseModel):
     def _known_output_format(cls, value: Any) -> Any:
         if value in PACKAGE_FORMATS:
             raise ValueError(f"output_format {value!r} is a package: send package={value} instead")
-        if value not in OUTPUT_FORMATS:
+        if value not in IMAGE_FORMATS:
             raise ValueError(f"output_format must be png or webp (layers need an alpha channel), got {value!r}")
         return value
 
@@ -325,7 +324,7 @@ class ImageData(BaseModel):
         None, description="A group's input region in the canvas, where its children were decomposed from."
     )
     prompt: str | None = Field(None, description="The prompt a group's children were decomposed with.")
-    package: Literal["zip", "psd", "pptx"] | None = None
+    package: PackageFormat | None = None
 
     @classmethod
     def node_fields(cls, node: LayerNode) -> dict[str, Any]:

@@ -9,21 +9,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from vllm_layered.formats import MIME_TYPES, encode_png, encode_webp, package_bytes
 from vllm_layered.layer_tree import LayerTree
-from vllm_layered.layer_tree_export import tree_to_pptx_bytes, tree_to_psd_bytes, tree_to_zip_bytes
-from vllm_layered.model_executor.export import encode_png, encode_webp
 from vllm_layered.serving.engine.request import RequestOutput
 from vllm_layered.serving.protocol import DecompositionInfo, ImageData, ImagesResponse
 
-MIME_TYPES = {
-    "png": "image/png",
-    "webp": "image/webp",
-    "zip": "application/zip",
-    "psd": "image/vnd.adobe.photoshop",
-    "pptx": "application/vnd.openxmlformats-officedocument.presentationml.presentation",
-}
-# A tree without refinements packs as its layers alone would (layer_tree_export.py).
-PACKAGERS = {"zip": tree_to_zip_bytes, "psd": tree_to_psd_bytes, "pptx": tree_to_pptx_bytes}
 # Fields of a layer entry sent as null rather than left out: a client tells "no parent" from "not a tree field".
 _NULL_LAYER_FIELDS = ("parent", "bbox")
 
@@ -44,7 +34,7 @@ def build_images_response(
         tree = output.tree or LayerTree.from_layers(output.layers, output.prompt, seed)
         common = dict(revised_prompt=output.prompt, decomposition_index=index, seed=seed, num_layers=len(tree.layers))
         if package is not None:
-            blob = PACKAGERS[package](tree)
+            blob = package_bytes(tree, package)
             data.append(ImageData(b64_json=_b64(blob), mime_type=MIME_TYPES[package], package=package, **common))
             continue
         for node in tree.walk():

@@ -19,13 +19,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message, Receive
 
+from vllm_layered.serving.errors import CLOSE
 from vllm_layered.serving.limits import ServerLimits
 from vllm_layered.serving.protocol import APIError
 
 IMAGE_FIELDS = ("image", "image[]")
 MAX_FORM_FIELDS = 64
 MAX_FIELD_BYTES = 1 << 20
-CLOSE = {"Connection": "close"}
 
 T = TypeVar("T")
 

@@ -8,14 +8,19 @@ memory never holds a second full copy of the model.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from vllm_layered.model_executor.model_loader.dummy_loader import check_load_format, dummy_weights
+
+# The file name stem of a diffusers component's weights: diffusion_pytorch_model.safetensors (or its shards).
+DIFFUSERS_STEM = "diffusion_pytorch_model"
+M = TypeVar("M", bound=nn.Module)
 
 
 class WeightLoadError(ValueError):
@@ -92,19 +97,22 @@ def _set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_component(
-    module: nn.Module,
+    build: Callable[[], M],
     folder: str | Path,
     *,
-    stem: str,
     device: torch.device | str,
     dtype: torch.dtype | None,
     component: str,
     load_format: str = "safetensors",
-) -> set[str]:
-    """Stream one diffusers component folder (e.g. ``transformer/``) into a meta-built module; with
-    ``load_format="dummy"`` its tensors are drawn at random instead (dummy_loader.py) and no file is read."""
+) -> M:
+    """The module ``build()`` makes, built on the meta device and filled from one diffusers component folder
+    (e.g. ``transformer/``: its diffusion_pytorch_model safetensors), in eval mode. With ``load_format="dummy"``
+    its tensors are drawn at random instead (dummy_loader.py) and no file is read."""
+    with torch.device("meta"):
+        module = build()
     if check_load_format(load_format) == "dummy":
         weights = dummy_weights(module, component=component, device=device, dtype=dtype)
     else:
-        weights = iter_safetensors(checkpoint_files(folder, stem), device=device, dtype=dtype)
-    return install_weights(module, weights, component=component)
+        weights = iter_safetensors(checkpoint_files(folder, DIFFUSERS_STEM), device=device, dtype=dtype)
+    install_weights(module, weights, component=component)
+    return module.eval()

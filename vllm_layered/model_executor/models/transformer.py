@@ -375,16 +375,11 @@ class LayeredTransformer(nn.Module):
         """
         quantization = check_quantization(quantization, device, dtype)
         attention_dtype = check_attention_dtype(attention_dtype, quantization, device)
-        folder = Path(folder)
-        config = TransformerConfig.from_json(folder / "config.json")
-        with torch.device("meta"):
-            model = cls(config=config)
-        load_component(
-            model, folder, stem="diffusion_pytorch_model", device=device, dtype=dtype, component="transformer",
-            load_format=load_format,
-        )
+        config = TransformerConfig.from_json(Path(folder) / "config.json")
+        model = load_component(lambda: cls(config=config), folder, device=device, dtype=dtype,
+                               component="transformer", load_format=load_format)
         if quantization == "fp8":
             quantize_fp8(model)
         if attention_dtype == "fp8":
             set_attention_dtype(model, attention_dtype)
-        return model.eval()
+        return model.eval()  # the FP8 modules swapped in are new, in training mode

@@ -320,15 +320,9 @@ class RGBAVAE(nn.Module):
     ) -> RGBAVAE:
         """Build on meta, then stream a diffusers ``vae/`` folder (config.json + safetensors) in
         (``load_format="dummy"``: random weights)."""
-        folder = Path(folder)
-        config = VAEConfig.from_json(folder / "config.json")
-        with torch.device("meta"):
-            model = cls(config=config)
-        load_component(
-            model, folder, stem="diffusion_pytorch_model", device=device, dtype=dtype, component="vae",
-            load_format=load_format,
-        )
-        return model.eval()
+        config = VAEConfig.from_json(Path(folder) / "config.json")
+        return load_component(lambda: cls(config=config), folder, device=device, dtype=dtype, component="vae",
+                              load_format=load_format)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Install a full checkpoint (diffusers names); raises WeightLoadError on any mismatch."""

@@ -51,9 +51,9 @@ import torch
 from PIL import Image
 
 from vllm_layered.layer_tree import (
-    DecompositionJob,
     EmptyLayerError,
     LayerTree,
+    TreeJob,
     parent_path,
     plan_refinements,
     refinement_job,
@@ -463,7 +463,7 @@ class ThreadedEngine:
                 entry.seed = request.seed if request.seed is not None else next(self._seeds)
                 self.observer.on_request_started(entry.tenant, entry.start_time - entry.arrival_time)
                 self._notify(entry, ProgressEvent("started"))
-                root = DecompositionJob(None, request.image, request.params.layers, request.prompt, entry.seed)
+                root = TreeJob(None, request.image, request.params.layers, request.prompt, entry.seed)
                 self._start([NodeRun(entry, root, request_tokens(request))])
                 admitted = True
             if admitted:

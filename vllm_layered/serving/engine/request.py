@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
-from vllm_layered.layer_tree import Box, DecompositionJob, LayerTree, Refinement
+from vllm_layered.layer_tree import Box, LayerTree, Refinement, TreeJob
 from vllm_layered.model_executor.denoise import DenoiseState
 from vllm_layered.model_executor.image_processing import ConditionImage
 from vllm_layered.model_executor.pipeline import GenerationParams
@@ -194,7 +194,7 @@ class NodeRun:
     adds to a forward, estimated before its prompt is encoded; ``state`` from its preprocessing until decoded."""
 
     entry: EngineRequest
-    job: DecompositionJob
+    job: TreeJob
     tokens: int
     box: Box | None = None
     state: DenoiseState | None = None

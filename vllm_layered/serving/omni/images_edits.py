@@ -49,8 +49,8 @@ from vllm_omni.inputs.data import OmniDiffusionSamplingParams, OmniTextPrompt
 
 from vllm_layered.model_executor.image_processing import bucket_size
 from vllm_layered.model_executor.pipeline import PIPELINE_CLASS
-from vllm_layered.serving.api_server import load_request_image
 from vllm_layered.serving.engine.request import RequestOutput
+from vllm_layered.serving.intake import load_request_image
 from vllm_layered.serving.limits import ServerLimits
 from vllm_layered.serving.omni.pipeline import DEFAULT_NEGATIVE_PROMPT, METADATA_KEY, generation_params
 from vllm_layered.serving.protocol import (

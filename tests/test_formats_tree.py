@@ -1,5 +1,5 @@
-"""Tree exports: PNG folders, zip, PSD with layer groups and PPTX with group shapes, each reopened with its
-own reader and walked as a tree; a tree without refinements gives export.py's files."""
+"""Trees as files (vllm_layered.formats): PNG folders, zip, PSD with layer groups and PPTX with group shapes,
+each reopened with its own reader and walked as a tree."""
 
 from __future__ import annotations
 
@@ -10,16 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vllm_layered.formats import composite_layers, package_bytes, save_tree, tree_files
 from vllm_layered.layer_tree import LayerNode, LayerTree
-from vllm_layered.layer_tree_export import (
-    save_tree,
-    tree_files,
-    tree_to_pptx_bytes,
-    tree_to_psd_bytes,
-    tree_to_zip_bytes,
-)
-from vllm_layered.model_executor.export import layers_to_pptx_bytes, layers_to_psd_bytes, layers_to_zip_bytes
-from vllm_layered.model_executor.image_processing import composite_layers
 
 SIZE = (48, 32)
 FULL = (0, 0, *SIZE)
@@ -91,8 +83,8 @@ def test_folders(tree, tmp_path):
 
 
 def test_zip(tree, tmp_path):
-    data = tree_to_zip_bytes(tree)
-    assert tree_to_zip_bytes(tree) == data  # deterministic
+    data = package_bytes(tree, "zip")
+    assert package_bytes(tree, "zip") == data  # deterministic
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         assert archive.namelist() == EXPECTED_FILES
         for name in EXPECTED_FILES:
@@ -164,20 +156,6 @@ def test_pptx_reopens_as_the_tree(tree, tmp_path):
 
     walk(slide.shapes, tree.layers)
     assert seen == [node.path for node in tree.walk()]
-
-
-def test_a_tree_without_refinements_is_exported_as_its_layers_are():
-    tree = flat_tree()
-    images = [node.image for node in tree.layers]
-    assert tree_to_zip_bytes(tree) == layers_to_zip_bytes(images)
-    pytest.importorskip("psd_tools")
-    assert tree_to_psd_bytes(tree) == layers_to_psd_bytes(images)
-    pptx = pytest.importorskip("pptx")
-    ours = pptx.Presentation(io.BytesIO(tree_to_pptx_bytes(tree)))
-    theirs = pptx.Presentation(io.BytesIO(layers_to_pptx_bytes(images)))
-    assert (ours.slide_width, ours.slide_height) == (theirs.slide_width, theirs.slide_height)
-    pictures = [[(s.name, s.image.blob, s.width) for s in p.slides[0].shapes] for p in (ours, theirs)]
-    assert pictures[0] == pictures[1]
 
 
 def test_bad_format(tree, tmp_path):

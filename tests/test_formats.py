@@ -1,4 +1,5 @@
-"""Decomposition packaging: PNG folder, zip, PSD and PPTX, each reopened with its own reader."""
+"""A stack of layers as files (vllm_layered.formats): PNG folder, zip, PSD and PPTX, each reopened with its own
+reader; the encoders; checking and compositing a stack."""
 
 from __future__ import annotations
 
@@ -10,16 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vllm_layered.model_executor.export import (
+from vllm_layered.formats import (
+    composite_layers,
     encode_png,
     encode_webp,
     layer_name,
-    layers_to_pptx_bytes,
-    layers_to_psd_bytes,
-    layers_to_zip_bytes,
+    package_bytes,
     save_layers,
+    stack_tree,
 )
-from vllm_layered.model_executor.image_processing import composite_layers
 
 WIDTH, HEIGHT = 48, 32
 EXPECTED_NAMES = ["layer_00.png", "layer_01.png", "layer_02.png", "composite.png"]
@@ -67,14 +67,8 @@ def test_png_folder(layers, tmp_path):
     assert np.array_equal(pixels(Image.open(out / "composite.png")), pixels(composite_layers(layers)))
 
 
-def test_given_composite_is_written(layers, tmp_path):
-    composite = Image.new("RGBA", (WIDTH, HEIGHT), (9, 8, 7, 255))
-    save_layers(layers, tmp_path, "png", composite=composite)
-    assert Image.open(tmp_path / "composite.png").getpixel((0, 0)) == (9, 8, 7, 255)
-
-
 def test_zip(layers, tmp_path):
-    data = layers_to_zip_bytes(layers)
+    data = package_bytes(stack_tree(layers), "zip")
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         assert archive.namelist() == EXPECTED_NAMES
         for name, image in zip(EXPECTED_NAMES, layers):
@@ -82,7 +76,7 @@ def test_zip(layers, tmp_path):
         assert np.array_equal(
             pixels(Image.open(io.BytesIO(archive.read("composite.png")))), pixels(composite_layers(layers))
         )
-    assert layers_to_zip_bytes(layers) == data  # deterministic
+    assert package_bytes(stack_tree(layers), "zip") == data  # deterministic
     (path,) = save_layers(layers, tmp_path / "sub" / "layers.zip", "zip")
     assert path.read_bytes() == data
 
@@ -90,7 +84,7 @@ def test_zip(layers, tmp_path):
 def test_psd(layers, tmp_path):
     psd_tools = pytest.importorskip("psd_tools")
     (path,) = save_layers(layers, tmp_path / "layers.psd", "psd")
-    assert path.read_bytes() == layers_to_psd_bytes(layers)
+    assert path.read_bytes() == package_bytes(stack_tree(layers), "psd")
     document = psd_tools.PSDImage.open(path)
     assert document.size == (WIDTH, HEIGHT)
     assert len(document) == 3
@@ -122,7 +116,7 @@ def test_pptx(layers, tmp_path):
 @pytest.mark.parametrize(("size", "long_side_emu"), [((4096, 256), 14_630_400), ((640, 640), 12_192_000)])
 def test_pptx_slide_stays_within_powerpoint_limits(size, long_side_emu):
     pptx = pytest.importorskip("pptx")
-    presentation = pptx.Presentation(io.BytesIO(layers_to_pptx_bytes([Image.new("RGBA", size)])))
+    presentation = pptx.Presentation(io.BytesIO(package_bytes(stack_tree([Image.new("RGBA", size)]), "pptx")))
     width, height = presentation.slide_width, presentation.slide_height
     assert max(width, height) == long_side_emu
     assert min(width, height) >= 914_400
@@ -132,10 +126,10 @@ def test_pptx_slide_stays_within_powerpoint_limits(size, long_side_emu):
 def test_missing_optional_dependency_names_the_extra(layers, monkeypatch):
     monkeypatch.setitem(sys.modules, "pptx", None)
     with pytest.raises(ImportError, match=r"python-pptx.*vllm-layered\[export\]"):
-        layers_to_pptx_bytes(layers)
+        package_bytes(stack_tree(layers), "pptx")
     monkeypatch.setitem(sys.modules, "psd_tools", None)
     with pytest.raises(ImportError, match=r"psd-tools.*vllm-layered\[export\]"):
-        layers_to_psd_bytes(layers)
+        package_bytes(stack_tree(layers), "psd")
 
 
 def test_bad_requests(layers, tmp_path):
@@ -144,9 +138,29 @@ def test_bad_requests(layers, tmp_path):
     with pytest.raises(ValueError, match="at least one layer"):
         save_layers([], tmp_path / "x.zip", "zip")
     with pytest.raises(ValueError, match="layer 1"):
-        layers_to_zip_bytes([layers[0], layers[1].resize((8, 8))])
+        package_bytes(stack_tree([layers[0], layers[1].resize((8, 8))]), "zip")
+    with pytest.raises(ValueError, match="a package is one of zip, psd, pptx, got 'png'"):
+        package_bytes(stack_tree(layers), "png")
     with pytest.raises(ValueError, match="layer 2"):
-        layers_to_pptx_bytes([layers[0], layers[1], layers[2].convert("RGB")])
-    with pytest.raises(ValueError, match="composite"):
-        save_layers(layers, tmp_path / "x.psd", "psd", composite=Image.new("RGBA", (8, 8)))
+        package_bytes(stack_tree([layers[0], layers[1], layers[2].convert("RGB")]), "pptx")
     assert not any(tmp_path.iterdir())  # nothing is written for a refused request
+
+
+def test_composite_layers_bottom_first():
+    bottom = Image.new("RGBA", (4, 4), (255, 0, 0, 255))
+    top = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    top.putpixel((1, 1), (0, 0, 255, 128))
+    merged = composite_layers([bottom, top])
+    assert merged.getpixel((0, 0)) == (255, 0, 0, 255)
+    assert merged.getpixel((1, 1)) == Image.alpha_composite(bottom, top).getpixel((1, 1))
+    assert composite_layers([top, bottom]).getpixel((1, 1)) == (255, 0, 0, 255)
+    assert bottom.getpixel((1, 1)) == (255, 0, 0, 255)  # inputs are left alone
+
+
+def test_composite_layers_rejects_bad_stacks():
+    with pytest.raises(ValueError):
+        composite_layers([])
+    with pytest.raises(ValueError, match="layer 1"):
+        composite_layers([Image.new("RGBA", (4, 4)), Image.new("RGBA", (4, 5))])
+    with pytest.raises(ValueError, match="layer 0"):
+        composite_layers([Image.new("RGB", (4, 4))])
