@@ -11,6 +11,7 @@ the numbers of every run.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import io
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from vllm_layered.model_executor.pipeline import GenerationParams, LayeredPipeline
-from vllm_layered.serving.engine.request import LayeredRequest
+from vllm_layered.serving.engine.engine import EngineConfig, ThreadedEngine
+from vllm_layered.serving.engine.request import LayeredRequest, RequestOutput
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PROMPT = "a red fox sitting on a wooden bench in a snowy park, large white text that reads hello world"
@@ -104,6 +106,22 @@ def layer_diff(got: list[Image.Image], expected: list[Image.Image]) -> dict[str,
 def measured(what: str, diff: dict[str, float]) -> dict[str, float]:
     print(f"\n[gpu acceptance] {what}: mean {diff['mean']:.4f} p99 {diff['p99']:.1f} max {diff['max']:.0f} (/255)")
     return diff
+
+
+def serve(pipeline: LayeredPipeline, requests: list[LayeredRequest], observer=None) -> list[RequestOutput]:
+    """Submit ``requests`` at once to an engine over ``pipeline`` (a budget that packs them all) and return their
+    outputs in order."""
+
+    async def run() -> list[RequestOutput]:
+        engine = ThreadedEngine(pipeline, EngineConfig(token_budget=1 << 16), observer=observer)
+        await engine.start()
+        try:
+            handles = [engine.submit(r) for r in requests]
+            return [await h.result() for h in handles]
+        finally:
+            await engine.shutdown(5)
+
+    return asyncio.run(asyncio.wait_for(run(), 600))
 
 
 def release_gpu_memory() -> None:

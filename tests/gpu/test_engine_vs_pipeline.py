@@ -6,12 +6,9 @@ after the step stream's last Euler update, and served layers 36.8/255 off on an 
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from tests.gpu.conftest import CASES, layer_diff, measured, needs_cuda
-from vllm_layered.serving.engine.engine import EngineConfig, ThreadedEngine
+from tests.gpu.conftest import CASES, layer_diff, measured, needs_cuda, serve
 from vllm_layered.serving.engine.observer import EngineObserver
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
@@ -47,27 +44,14 @@ def offline(pipeline):
     return quantization, {case.name: case.offline(pipe) for case in CASES}
 
 
-def serve(pipe, requests, observer=None):
-    async def run():
-        engine = ThreadedEngine(pipe, EngineConfig(token_budget=1 << 16), observer=observer)
-        await engine.start()
-        try:
-            handles = [engine.submit(r) for r in requests]
-            return [(await h.result()).layers for h in handles]
-        finally:
-            await engine.shutdown(5)
-
-    return asyncio.run(asyncio.wait_for(run(), 600))
-
-
 def test_each_request_served_alone_equals_the_offline_pipeline(pipeline, offline):
     """Alone, the engine runs the very same kernels on the same shapes: any difference is a race."""
     quantization, pipe = pipeline
     _, expected = offline
     diffs = {}
     for case in CASES:
-        [layers] = serve(pipe, [case.request()])
-        diffs[case.name] = measured(f"{quantization} alone {case.name}", layer_diff(layers, expected[case.name]))
+        [out] = serve(pipe, [case.request()])
+        diffs[case.name] = measured(f"{quantization} alone {case.name}", layer_diff(out.layers, expected[case.name]))
     assert all(d["max"] == 0 for d in diffs.values()), diffs
 
 
@@ -77,6 +61,6 @@ def test_concurrent_requests_packed_equal_the_offline_pipeline_within_the_bound(
     observer = MaxBatch()
     served = serve(pipe, [case.request() for case in CASES], observer)
     assert observer.max_requests == len(CASES), "the three requests must share forwards for this test to mean much"
-    diffs = {case.name: measured(f"{quantization} packed {case.name}", layer_diff(layers, expected[case.name]))
-             for case, layers in zip(CASES, served)}
+    diffs = {case.name: measured(f"{quantization} packed {case.name}", layer_diff(out.layers, expected[case.name]))
+             for case, out in zip(CASES, served)}
     assert all(d["mean"] <= PACKED_MEAN_BOUND[quantization] for d in diffs.values()), diffs

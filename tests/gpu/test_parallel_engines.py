@@ -11,8 +11,7 @@ import copy
 import pytest
 import torch
 
-from tests.gpu.conftest import CASES, layer_diff, measured, needs_cuda
-from tests.gpu.test_engine_vs_pipeline import serve
+from tests.gpu.conftest import CASES, layer_diff, measured, needs_cuda, serve
 from vllm_layered.model_executor.parallel import CheckpointTransformer, ParallelConfig, ParallelTransformer
 
 pytestmark = [
@@ -54,6 +53,6 @@ def test_parallel_engine_serves_what_one_gpu_serves(variants, one_gpu, cfg_degre
     finally:
         pipe.transformer.close()
     diffs = {case.name: measured(f"{quantization} cfg {cfg_degree} x sp {sp_degree} {case.name}",
-                                 layer_diff(got, expected))
+                                 layer_diff(got.layers, expected.layers))
              for case, got, expected in zip(CASES, served, one_gpu[quantization])}
     assert all(d["mean"] <= PARALLEL_MEAN_BOUND[quantization] for d in diffs.values()), diffs

@@ -16,15 +16,12 @@ stream, denoised on the step stream, decoded on the aux stream) and are cropped 
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from tests.gpu.conftest import PROMPT, Case, layer_diff, measured, needs_cuda
+from tests.gpu.conftest import PROMPT, Case, layer_diff, measured, needs_cuda, serve
 from tests.gpu.test_engine_vs_pipeline import PACKED_MEAN_BOUND
 from vllm_layered.layer_tree import Refinement, paste_children, refinement_input, refinement_seed
 from vllm_layered.model_executor.image_processing import MAX_ASPECT_RATIO
-from vllm_layered.serving.engine.engine import EngineConfig, ThreadedEngine
 from vllm_layered.serving.engine.observer import EngineObserver
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
@@ -55,19 +52,6 @@ def offline_tree(full_pipeline):
     return full_pipeline.decompose_tree(ROOT.image(), refine=REFINE, prompt=PROMPT, negative_prompt=" ",
                                         true_cfg_scale=4.0, layers=ROOT.layers, resolution=ROOT.resolution,
                                         num_inference_steps=ROOT.steps, seed=ROOT.seed)
-
-
-def serve(pipe, requests, observer=None):
-    async def run():
-        engine = ThreadedEngine(pipe, EngineConfig(token_budget=1 << 16), observer=observer)
-        await engine.start()
-        try:
-            handles = [engine.submit(r) for r in requests]
-            return [await h.result() for h in handles]
-        finally:
-            await engine.shutdown(5)
-
-    return asyncio.run(asyncio.wait_for(run(), 600))
 
 
 def node_layers(tree, path: str | None):

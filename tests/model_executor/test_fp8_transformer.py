@@ -64,13 +64,18 @@ def test_fp8_velocity_close_to_bf16(models, seed, sigmas):
 def test_fp8_packed_matches_separate_forwards(models):
     """Per-token scales keep sequences independent: packing them changes nothing beyond GEMM blocking (0 on CPU)."""
     _, fp8 = models
+    assert_packed_equals_separate(fp8)
+
+
+def assert_packed_equals_separate(model) -> None:
+    """Each sequence of a packed forward equals that sequence's forward alone."""
     batch = make_batch(LAYOUTS, 3, [0.7, 0.7])
-    packed = fp8(batch).float()
+    packed = model(batch).float()
     img, txt, start = 0, 0, 0
     for layout in LAYOUTS:
         alone = ForwardBatch(batch.image_tokens[img : img + layout.image_tokens],
                              batch.text_embeds[txt : txt + layout.text_len], torch.tensor([0.7]), [layout])
-        assert rel_err(packed[start : start + layout.noisy_tokens], fp8(alone).float()) < 2e-3
+        assert rel_err(packed[start : start + layout.noisy_tokens], model(alone).float()) < 2e-3
         img, txt, start = img + layout.image_tokens, txt + layout.text_len, start + layout.noisy_tokens
 
 
@@ -158,14 +163,7 @@ def test_fp8_attention_velocity_close_to_bf16(models, fp8_attention_model, seed,
 def test_fp8_attention_packed_matches_separate_forwards(fp8_attention_model):
     """V and O scales per sequence keep packed sequences independent, as per-token scales do for the GEMMs: what the
     serving engine packs equals what the offline pipeline runs alone (0 on CPU)."""
-    batch = make_batch(LAYOUTS, 3, [0.7, 0.7])
-    packed = fp8_attention_model(batch).float()
-    img, txt, start = 0, 0, 0
-    for layout in LAYOUTS:
-        alone = ForwardBatch(batch.image_tokens[img : img + layout.image_tokens],
-                             batch.text_embeds[txt : txt + layout.text_len], torch.tensor([0.7]), [layout])
-        assert rel_err(packed[start : start + layout.noisy_tokens], fp8_attention_model(alone).float()) < 2e-3
-        img, txt, start = img + layout.image_tokens, txt + layout.text_len, start + layout.noisy_tokens
+    assert_packed_equals_separate(fp8_attention_model)
 
 
 @torch.no_grad()

@@ -8,12 +8,13 @@ import threading
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from vllm_layered.model_executor.pipeline import DECODE_CHUNK, GenerationParams
 from vllm_layered.serving.engine.engine import EngineConfig, ThreadedEngine
 from vllm_layered.serving.engine.observer import EngineObserver
-from vllm_layered.serving.engine.request import LayeredRequest, ProgressEvent, RequestHandle
+from vllm_layered.serving.engine.request import LayeredRequest, ProgressEvent, RequestCancelledError, RequestHandle
 
 WAIT_S = 120  # longest any step of these tests waits for the engine (the machines are slow and shared)
 
@@ -59,6 +60,26 @@ async def started_engine(pipeline, observer=None, **config) -> ThreadedEngine:
     engine = ThreadedEngine(pipeline, EngineConfig(**config), observer=observer)
     await engine.start()
     return engine
+
+
+def cancel_inside(pipeline, gate: Gate, submitted: LayeredRequest, **config) -> int:
+    """Submit ``submitted``, cancel it while ``gate`` holds its work, then let the work go on: the request must end
+    CANCELLED and leave the engine. Returns how many requests were running when the cancel landed."""
+
+    async def scenario() -> int:
+        engine = await started_engine(pipeline, **config)
+        handle = engine.submit(submitted)
+        await gate.wait_entered()
+        running = engine.num_running
+        assert handle.cancel()
+        gate.open()
+        with pytest.raises(RequestCancelledError):
+            await handle.result()
+        assert engine.num_running == 0
+        await engine.shutdown(1)
+        return running
+
+    return run(scenario())
 
 
 async def wait_for(handle: RequestHandle, kind: str) -> ProgressEvent:

@@ -8,7 +8,16 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from tests.serving.engine_helpers import WAIT_S, Gate, Recorder, request, run, started_engine, wait_for
+from tests.serving.engine_helpers import (
+    WAIT_S,
+    Gate,
+    Recorder,
+    cancel_inside,
+    request,
+    run,
+    started_engine,
+    wait_for,
+)
 from tests.serving.helpers import assert_error, png_bytes
 from vllm_layered.model_executor.pipeline import LayeredPipeline
 from vllm_layered.serving import reply
@@ -73,19 +82,7 @@ def test_cancel_between_steps_stops_the_denoising(pipeline, monkeypatch):
     monkeypatch.setattr(pipeline, "denoise_step", gate.wrap(pipeline.denoise_step))
     decode = counter(pipeline.vae, "decode", monkeypatch)
 
-    async def scenario():
-        engine = await started_engine(pipeline)
-        handle = engine.submit(request("r", steps=5))
-        await gate.wait_entered()
-        running = engine.num_running
-        assert handle.cancel()
-        gate.open()
-        with pytest.raises(RequestCancelledError):
-            await handle.result()
-        await engine.shutdown(1)
-        return running
-
-    assert run(scenario()) == 1
+    assert cancel_inside(pipeline, gate, request("r", steps=5)) == 1
     assert gate.calls == 2 and decode.calls == 0  # no third step, no decode
 
 
@@ -93,19 +90,7 @@ def test_cancel_while_decoding_stops_after_the_chunk_in_flight(pipeline, monkeyp
     gate = Gate(when=lambda call: call == 1)  # the first chunk's VAE decode
     monkeypatch.setattr(pipeline.vae, "decode", gate.wrap(pipeline.vae.decode))
 
-    async def scenario():
-        engine = await started_engine(pipeline, decode_chunk=1)
-        handle = engine.submit(request("r", layers=3, steps=1))
-        await gate.wait_entered()
-        running = engine.num_running  # decoding counts as running
-        assert handle.cancel()
-        gate.open()
-        with pytest.raises(RequestCancelledError):
-            await handle.result()
-        await engine.shutdown(1)
-        return running
-
-    assert run(scenario()) == 1
+    assert cancel_inside(pipeline, gate, request("r", layers=3, steps=1), decode_chunk=1) == 1  # decoding runs
     assert gate.calls == 1  # layers 2 and 3 were never decoded
 
 

@@ -11,7 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.serving.engine_helpers import Gate, Recorder, mask_decoded_layers, request, run, started_engine, wait_for
+from tests.serving.engine_helpers import (
+    Gate,
+    Recorder,
+    cancel_inside,
+    mask_decoded_layers,
+    request,
+    run,
+    started_engine,
+    wait_for,
+)
 from vllm_layered.layer_tree import (
     EmptyLayerError,
     Refinement,
@@ -129,20 +138,7 @@ def test_cancelling_a_tree_while_a_refinement_denoises_stops_it(pipeline, monkey
     decodes = Gate(when=lambda call: False)
     monkeypatch.setattr(pipeline.vae, "decode", decodes.wrap(pipeline.vae.decode))
 
-    async def scenario():
-        engine = await started_engine(pipeline)
-        handle = engine.submit(tree_request("tree", SIBLINGS[1:]))
-        await gate.wait_entered()
-        running = engine.num_running
-        assert handle.cancel()
-        gate.open()
-        with pytest.raises(RequestCancelledError):
-            await handle.result()
-        assert engine.num_running == 0 and not engine._running and not engine._preparing
-        await engine.shutdown(1)
-        return running
-
-    assert run(scenario()) == 1
+    assert cancel_inside(pipeline, gate, tree_request("tree", SIBLINGS[1:])) == 1
     assert gate.calls == STEPS + 1 and decodes.calls == 1  # the root's 2 layers in one chunk, then nothing
 
 
