@@ -6,11 +6,20 @@ Every row is printed as it finishes; a row that fails prints its error and a sho
        FP8 reference (same e4m3 inputs), vs float32 attention of the unquantized inputs, and bf16 SDPA vs the latter;
     c  time: bf16 cuDNN SDPA vs FP8 at both sizes; the quantization kernels; the attention step of one layer at
        640/4 CFG (both sequences) with its quantizations, bf16 path vs FP8 path;
-    d  the full-size transformer forward (random weights), 640/4 layers, CFG-packed: bf16 GEMMs + bf16 attention,
-       FP8 GEMMs + bf16 attention, FP8 GEMMs + FP8 attention: ms and velocity relative error vs the first;
-    e  the errors that existing FP8 GPU tests bound without a measurement (tests/kernels/test_fp8.py, test_adaln.py).
+    d  the full-size transformer forward (random weights), 640/4 and 1024/4 layers, CFG-packed: bf16 GEMMs + bf16
+       attention, FP8 GEMMs + bf16 attention, FP8 GEMMs + FP8 attention: ms and velocity relative error vs the first;
+    e  the errors that existing FP8 GPU tests bound without a measurement (tests/kernels/test_fp8.py, test_adaln.py);
+    f  cuDNN's execution plans for sdpa_fp8 at 9800 and 24776 tokens, under two sets of heuristic modes: each plan's
+       name, workspace, time, and its output against the default plan's (the first that builds, which we run);
+    g  the FP8 forward (640/4 CFG, FP8 GEMMs + FP8 attention) eager vs replayed as one CUDA graph: the most that
+       launch gaps can cost;
+    h  where FP8 attention's error comes from on the model's own inputs: q, k, v of some blocks captured from the FP8
+       transformer (bf16 attention) at 640/4 and 1024/4, the conditional sequence; the error vs float32 attention of
+       cuDNN FP8 (uncentered, and centered as the model runs it), of the FP8 reference (Q, K, V, O rounded, P not), of
+       rounding Q and K only, V only, O only; and the logits of 64 query rows of head 0 (spread over the keys,
+       softmax mass in keys whose P * 448 is subnormal in e4m3).
 
-    python benchmarks/attention_fp8.py [--sections abcde] [--repeat 20]
+    python benchmarks/attention_fp8.py [--sections abcdefgh] [--repeat 20]
 
 Needs the cuDNN frontend: pip install --no-deps --target /tmp/site .whl/nvidia_cudnn_frontend-*.whl and
 PYTHONPATH=/tmp/site. Results also go to $OUT/attention_fp8.json.
@@ -40,7 +49,10 @@ from vllm_layered.kernels.fp8_attention import (  # noqa: E402
     fp8_attention_ref,
     qk_scale,
     quantize_v,
+    restore_mean,
     sequence_amax,
+    sequence_mean,
+    sequence_sum,
 )
 from vllm_layered.kernels.qk_norm_rope import qk_norm_rope  # noqa: E402
 
@@ -180,9 +192,12 @@ def section_c(args) -> None:
         def bf16_path():
             return quantize_rows(data.bf16().view(rows.shape))  # attention, then the FP8 out-projection's input
 
-        def fp8_path():
-            data.quantize_v()
-            return data.fp8()
+        def fp8_path():  # as the model runs it: V centered, attention, the mean restored into the projections' rows
+            mean = sequence_mean(sequence_sum(rows, data.bounds), data.cu)
+            qv = quantize_v(rows, sequence_amax(rows, data.bounds), data.cu, mean=mean)
+            scales = Fp8AttentionScales(data.scales.q, data.scales.k, qv.scale, qv.o_inv)
+            out = cfa.cudnn_fp8_attention(data.q8, data.k8, qv.data.view(data.v.shape), scales, data.bounds)
+            return restore_mean(out.view(rows.shape), qv.o_row_scale, mean, data.cu)
 
         bf16, fp8 = bench_ms(bf16_path, repeat=args.repeat), bench_ms(fp8_path, repeat=args.repeat)
         report("c 640/4 CFG layer", f"attention + quantizations of one layer, {CFG_PAIR}: bf16 path {bf16:.3f} ms, "
@@ -206,23 +221,25 @@ def section_d(args) -> None:
     attempt("d models", build)
     if "fp8" not in models:
         return
-    side = 640 // 16
-    layouts = [SequenceLayout(COND_TEXT, 4, side, side), SequenceLayout(UNCOND_TEXT, 4, side, side)]
-    batch = inputs(layouts, torch.Generator("cuda").manual_seed(0))
-    with torch.no_grad():
-        reference = attempt("d bf16", lambda: models["bf16"](batch).float())
-        for name, model, attention in (("bf16 GEMM + bf16 attention", models["bf16"], None),
-                                       ("fp8 GEMM + bf16 attention", models["fp8"], "bf16"),
-                                       ("fp8 GEMM + fp8 attention", models["fp8"], "fp8")):
-            def run(name=name, model=model, attention=attention):
-                if attention is not None:
-                    set_attention_dtype(model, attention)
-                out = model(batch).float()
-                ms = bench_ms(lambda: model(batch), repeat=max(3, args.repeat // 4))
-                err = rel_err(out, reference) if reference is not None else float("nan")
-                report(f"d {name}", f"640/4 CFG forward {ms:.1f} ms, velocity rel err vs bf16 {err:.2e}",
-                       dict(ms=ms, rel_err=err))
-            attempt(f"d {name}", run)
+    for resolution in (640, 1024):
+        side = resolution // 16
+        layouts = [SequenceLayout(COND_TEXT, 4, side, side), SequenceLayout(UNCOND_TEXT, 4, side, side)]
+        batch = inputs(layouts, torch.Generator("cuda").manual_seed(0))
+        with torch.no_grad():
+            reference = attempt(f"d {resolution} bf16", lambda: models["bf16"](batch).float())  # noqa: B023
+            for name, model, attention in (("bf16 GEMM + bf16 attention", models["bf16"], None),
+                                           ("fp8 GEMM + bf16 attention", models["fp8"], "bf16"),
+                                           ("fp8 GEMM + fp8 attention", models["fp8"], "fp8")):
+                def run(name=name, model=model, attention=attention, batch=batch, reference=reference,
+                        resolution=resolution):
+                    if attention is not None:
+                        set_attention_dtype(model, attention)
+                    out = model(batch).float()
+                    ms = bench_ms(lambda: model(batch), repeat=max(3, args.repeat // 4))
+                    err = rel_err(out, reference) if reference is not None else float("nan")
+                    report(f"d {resolution} {name}", f"{resolution}/4 CFG forward {ms:.1f} ms, velocity rel err vs "
+                           f"bf16 {err:.2e}", dict(ms=ms, rel_err=err))
+                attempt(f"d {resolution} {name}", run)
     models.clear()
     torch.cuda.empty_cache()
 
@@ -282,9 +299,198 @@ def section_e(args) -> None:
         attempt(label, fn)
 
 
+def section_f(args) -> None:
+    import cudnn
+
+    modes = {"A, FALLBACK": (cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK),
+             "A, B, FALLBACK": (cudnn.heur_mode.A, cudnn.heur_mode.B, cudnn.heur_mode.FALLBACK)}
+
+    def knob_sweep(n, data, handle, engine, knobs):
+        """The heuristics' first engine at every value of each of its knobs (the others as the heuristics set)."""
+        info = attempt(f"f {n} knobs", lambda: repr(cfa._build_graph(
+            cudnn, handle, n, HEADS, HEAD_DIM, 1 / math.sqrt(HEAD_DIM)).graph.get_knobs_for_engine(engine)))
+        report(f"f {n} knobs", f"engine {engine}, heuristic knobs {knobs}; knob info {info}")
+        out = torch.empty_like(data.q8)
+        for knob in knobs:
+            for value in range(0, 65):
+                def one(value=value, knob=knob):
+                    g = cfa._build_graph(cudnn, handle, n, HEADS, HEAD_DIM, 1 / math.sqrt(HEAD_DIM),
+                                         plan=(engine, {**knobs, knob: value}))
+                    scratch = cfa._scratch(torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream,
+                                           g.workspace_size)
+                    pack = cfa._variant_pack(g, scratch, (data.q8, data.k8, data.qv.data.view(data.v.shape), out),
+                                             data.scales, 0, 0, n)
+                    ms = bench_ms(lambda: g.graph.execute(pack, scratch.workspace, handle=handle), repeat=args.repeat)
+                    report(f"f {n} knob {knob}={value}", f"{ms:.3f} ms ({tflops((n,), ms):.0f} TFLOP/s)",
+                           dict(ms=ms))
+                try:
+                    one()
+                except Exception as exc:  # most values are not valid for the engine: one line, no traceback
+                    results[f"f {n} knob {knob}={value}"] = f"{type(exc).__name__}"
+
+    for n in (CFG_PAIR[0], SIZES[1]):
+        data = Inputs((n,))
+        report(f"f {n} bf16", f"bf16 cuDNN SDPA {bench_ms(data.bf16, repeat=args.repeat):.3f} ms")
+        default = data.fp8().float()
+        for label, heuristics in modes.items():
+            def plans(n=n, label=label, heuristics=heuristics, data=data, default=default):
+                handle = cfa._handle(cudnn, torch.cuda.current_device())
+                cudnn.set_stream(handle, torch.cuda.current_stream().cuda_stream)
+                g = cfa._build_graph(cudnn, handle, n, HEADS, HEAD_DIM, 1 / math.sqrt(HEAD_DIM),
+                                     heuristics=heuristics, all_plans=True)
+                count = g.graph.get_execution_plan_count()
+                report(f"f {n} {label}", f"{count} plans")
+                out = torch.empty_like(data.q8)
+                for i in range(count):
+                    def one(i=i):
+                        name = g.graph.get_plan_name_at_index(i)
+                        ws = g.graph.get_workspace_size_plan_at_index(i)
+                        scratch = cfa._scratch(torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream,
+                                               ws)
+                        pack = cfa._variant_pack(g, scratch, (data.q8, data.k8, data.qv.data.view(data.v.shape), out),
+                                                 data.scales, 0, 0, n)
+                        run = lambda: g.graph.execute_plan_at_index(pack, scratch.workspace, index=i, handle=handle)  # noqa: E731
+                        ms = bench_ms(run, repeat=args.repeat)
+                        diff = (out.float() - default).abs().max().item()
+                        report(f"f {n} {label} plan {i}", f"{name}: workspace {ws} B, {ms:.3f} ms "
+                               f"({tflops((n,), ms):.0f} TFLOP/s), max |o8 - default o8| {diff:.3g}",
+                               dict(name=name, ms=ms, diff=diff))
+                    attempt(f"f {n} {label} plan {i}", one)
+                if label == "A, FALLBACK":
+                    knob_sweep(n, data, handle, *g.graph.get_engine_and_knobs_at_index(0))
+            attempt(f"f {n} {label}", plans)
+
+
+def section_g(args) -> None:
+    from benchmarks.common import random_transformer
+    from benchmarks.forward import COND_TEXT, UNCOND_TEXT, inputs
+    from vllm_layered.model_executor.models.fp8_attention import set_attention_dtype
+    from vllm_layered.model_executor.models.fp8_linear import quantize_fp8
+    from vllm_layered.model_executor.sequence_layout import SequenceLayout
+
+    model = random_transformer()
+    quantize_fp8(model)
+    set_attention_dtype(model, "fp8")
+    side = 640 // 16
+    layouts = [SequenceLayout(COND_TEXT, 4, side, side), SequenceLayout(UNCOND_TEXT, 4, side, side)]
+    batch = inputs(layouts, torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        eager_out = model(batch)
+        eager = bench_ms(lambda: model(batch), repeat=5)
+        report("g eager", f"640/4 CFG FP8 + FP8 attention forward, eager: {eager:.1f} ms")
+
+        def graphed():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                model(batch)  # warm on the capture stream (workspaces, handles)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = model(batch)
+            graph.replay()
+            torch.cuda.synchronize()
+            same = torch.equal(out, eager_out)
+            ms = bench_ms(graph.replay, repeat=5)
+            report("g graph", f"replayed as one CUDA graph: {ms:.1f} ms ({eager / ms:.3f}x eager), output equal to "
+                   f"eager: {same}", dict(eager_ms=eager, graph_ms=ms, equal=same))
+        attempt("g graph", graphed)
+
+
+def section_h(args) -> None:
+    from benchmarks.common import random_transformer
+    from benchmarks.forward import COND_TEXT, UNCOND_TEXT, inputs
+    from vllm_layered.kernels.fp8 import quantize_with_scale_ref
+    from vllm_layered.model_executor.models.fp8_attention import Fp8AttentionLayer
+    from vllm_layered.model_executor.models.fp8_linear import quantize_fp8
+    from vllm_layered.model_executor.sequence_layout import SequenceLayout
+
+    model = random_transformer()
+    quantize_fp8(model)
+    blocks = (0, 20, 40, 59)
+    layers = {i: Fp8AttentionLayer.from_attention(model.transformer_blocks[i].attn) for i in blocks}
+    for resolution in (640, 1024):
+        captured: dict[int, tuple[torch.Tensor, ...]] = {}
+        for i in blocks:
+            attn = model.transformer_blocks[i].attn
+
+            def capture(q, k, v, meta, i=i, attn=attn, original=type(attn)._attention, captured=captured):
+                end = meta.seq_bounds[1]  # the conditional sequence
+                captured[i] = (q[:end].clone(), k[:end].clone(), v[:end].clone())
+                return original(attn, q, k, v, meta)
+            attn._attention = capture
+        side = resolution // 16
+        layouts = [SequenceLayout(COND_TEXT, 4, side, side), SequenceLayout(UNCOND_TEXT, 4, side, side)]
+        with torch.no_grad():
+            model(inputs(layouts, torch.Generator("cuda").manual_seed(0)))
+        for i in blocks:
+            del model.transformer_blocks[i].attn._attention
+            q, k, v = captured.pop(i)
+            attempt(f"h {resolution} block {i}", lambda args=(resolution, i, q, k, v, layers[i]): error_sources(
+                *args, quantize_with_scale_ref))
+    del model
+    torch.cuda.empty_cache()
+
+
+def error_sources(resolution, block, q, k, v, layer, quantize_with_scale_ref) -> None:
+    n = q.shape[0]
+    bounds = [0, n]
+    cu = torch.tensor(bounds, dtype=torch.int32, device=q.device)
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(*(t.float().transpose(0, 1)[None] for t in (q, k, v)))[0].transpose(0, 1)
+
+    exact = sdpa(q, k, v)
+    q8, k8 = quantize_with_scale_ref(q, layer.q_scale), quantize_with_scale_ref(k, layer.k_scale)
+    rows = v.view(n, -1)
+    qv = quantize_v(rows, sequence_amax(rows, bounds), cu)
+    v8 = qv.data.view(v.shape)
+    scales = Fp8AttentionScales(layer.q_descale, layer.k_descale, qv.scale, qv.o_inv)
+    deq_q, deq_k = q8.float() * layer.q_scale, k8.float() * layer.k_scale
+    deq_v = v8.float() * qv.scale[0]
+    o_scale = qv.o_row_scale[:, None, None]
+    o_only = (exact * qv.o_inv[0]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * o_scale
+    def centered() -> torch.Tensor:
+        """The model's path: V centered on its mean over the sequence, cuDNN FP8, the mean added back (dequantized
+        here, before restore_mean's quantization for the projections)."""
+        mean = sequence_mean(sequence_sum(rows, bounds), cu)
+        qc = quantize_v(rows, sequence_amax(rows, bounds), cu, mean=mean)
+        sc = Fp8AttentionScales(layer.q_descale, layer.k_descale, qc.scale, qc.o_inv)
+        o8 = cfa.cudnn_fp8_attention(q8, k8, qc.data.view(v.shape), sc, bounds)
+        return o8.float() * qc.o_row_scale[:, None, None] + mean.view(1, *v.shape[1:])
+
+    errs = dict(
+        cudnn_fp8=rel_err(cfa.cudnn_fp8_attention(q8, k8, v8, scales, bounds).float() * o_scale, exact),
+        cudnn_fp8_v_centered=rel_err(centered(), exact),
+        fp8_reference=rel_err(fp8_attention_ref(q8, k8, v8, scales, bounds).float() * o_scale, exact),
+        qk_only=rel_err(sdpa(deq_q, deq_k, v), exact),
+        v_only=rel_err(sdpa(q, k, deq_v), exact),
+        o_only=rel_err(o_only, exact),
+        bf16_cudnn=rel_err(sdpa_varlen_attention(q, k, v, cu, sdpa_kernel="cudnn", bounds=bounds), exact),
+    )
+    rows_q = torch.linspace(0, n - 1, 64, device=q.device).long()
+    logits = (q[rows_q, 0].float() @ k[:, 0].float().T) / math.sqrt(q.shape[-1])  # [64, n]
+    p_rel = torch.exp(logits - logits.amax(dim=1, keepdim=True))
+    mass = p_rel / p_rel.sum(dim=1, keepdim=True)
+    stats = dict(
+        logit_std=logits.std(dim=1).mean().item(),
+        logit_range=(logits.amax(dim=1) - logits.amin(dim=1)).mean().item(),
+        mass_subnormal=mass[p_rel * FP8_MAX < 2**-6].sum().item() / 64,
+        mass_flushed=mass[p_rel * FP8_MAX < 2**-10].sum().item() / 64,
+        effective_keys=(1 / (mass**2).sum(dim=1)).mean().item(),
+        amax_v=qv.scale[0].item() * FP8_MAX,
+        rms_v=v.float().pow(2).mean().sqrt().item(),
+        rms_o=exact.pow(2).mean().sqrt().item(),
+        q_scale=layer.q_scale,
+        rms_q=q.float().pow(2).mean().sqrt().item(),
+    )
+    report(f"h {resolution} block {block}", f"{n} tokens: rel err " + ", ".join(f"{k} {v:.2e}" for k, v in
+           errs.items()) + "; " + ", ".join(f"{k} {v:.3g}" for k, v in stats.items()), {**errs, **stats})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="abcde", help="which sections to run, e.g. 'abc'")
+    parser.add_argument("--sections", default="abcdefgh", help="which sections to run, e.g. 'abc'")
     parser.add_argument("--repeat", type=int, default=20, help="timed calls per kernel measurement (median)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -292,7 +498,8 @@ def main() -> None:
     error = cfa.cudnn_frontend_error()
     if error is not None:
         print(f"cuDNN frontend missing, sections a-c need it: {error}", flush=True)
-    sections = dict(a=section_a, b=section_b, c=section_c, d=section_d, e=section_e)
+    sections = dict(a=section_a, b=section_b, c=section_c, d=section_d, e=section_e, f=section_f, g=section_g,
+                    h=section_h)
     for key in args.sections:
         start = time.perf_counter()
         attempt(f"section {key}", lambda key=key: sections[key](args))

@@ -10,7 +10,6 @@ import copy
 import json
 import os
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,16 +33,6 @@ def random_module(module_cls, config, *, component: str, device, dtype):
 def random_transformer(device="cuda", dtype=torch.bfloat16, **overrides) -> LayeredTransformer:
     return random_module(LayeredTransformer, TransformerConfig(**overrides), component="transformer",
                          device=device, dtype=dtype)
-
-
-@dataclass(frozen=True)
-class RandomTransformer:
-    """A TransformerFactory for parallel worker ranks: the same seeded random weights on every GPU."""
-
-    dtype: torch.dtype = torch.bfloat16
-
-    def __call__(self, device: torch.device) -> LayeredTransformer:
-        return random_transformer(device=device, dtype=self.dtype)
 
 
 def full_size_vae_config() -> dict:

@@ -5,8 +5,10 @@
 - adaln: LayerNorm + modulate and the gated residual, the same way.
 - attention: TFLOP/s (4 * seq^2 * H * D per sequence) of the Triton varlen kernel next to SDPA with the
   cuDNN and the flash backends (through our dispatcher and called directly), and FlexAttention.
+- fp8: the row-quantizing kernels of the FP8 step at the 640/4 CFG image rows (the MLP's GELU + quantization,
+  LayerNorm + AdaLN + quantization) in GB/s, at each num_warps, against a device copy of the same bytes.
 
-Usage: python benchmarks/kernels.py [--quick] [--only norm_rope adaln attention] [--no-compile]
+Usage: python benchmarks/kernels.py [--quick] [--only norm_rope adaln attention fp8] [--no-compile]
 A table is printed last; full results go to $OUT/kernels.json when OUT is set (or to --json).
 """
 
@@ -22,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-SECTIONS = ("norm_rope", "adaln", "attention")
+SECTIONS = ("norm_rope", "adaln", "attention", "fp8")
 DEVICE = "cuda"
 HEADS, HEAD_DIM, HIDDEN = 24, 128, 3072
 # (tokens, scattered into a joint buffer?): q or k of 2 x 9856 (640 px, 4 layers, CFG) and 1 x 24776 tokens
@@ -162,6 +164,49 @@ def bench_adaln(bench: Bench, args: argparse.Namespace) -> list[dict]:
     return rows + res_rows
 
 
+def bench_fp8(bench: Bench, args: argparse.Namespace) -> list[dict]:
+    """Each kernel at the num_warps that `row_settings` picks ("triton") and at the others (``warps=W``)."""
+    from vllm_layered.kernels import adaln, fp8
+
+    n = QUICK_ADALN_ROWS if args.quick else ADALN_ROWS
+    hidden = torch.randn(n, 4 * HIDDEN, dtype=torch.bfloat16, device=DEVICE)
+    x = torch.randn(n, HIDDEN, dtype=torch.bfloat16, device=DEVICE)
+    mod = torch.randn(2, 2 * HIDDEN, dtype=torch.bfloat16, device=DEVICE) * 0.1
+    shift, scale = mod[:, :HIDDEN], mod[:, HIDDEN:]
+    seg = (torch.arange(n, device=DEVICE) >= n // 2).to(torch.int32)
+    cases = (
+        (f"gelu+quantize_rows {n}x{4 * HIDDEN} bf16", fp8, 3 * hidden.numel() + 4 * n,
+         lambda: fp8.quantize_rows(hidden, gelu=True),
+         lambda: fp8.quantize_rows_ref(hidden, gelu=True)),
+        (f"layernorm_modulate_fp8 {n}x{HIDDEN} bf16", adaln, 3 * x.numel() + 4 * n,
+         lambda: adaln.layernorm_modulate_fp8(x, shift, scale, seg),
+         lambda: adaln.layernorm_modulate_fp8_ref(x, shift, scale, seg)),
+        (f"layernorm_modulate {n}x{HIDDEN} bf16 (bf16 out)", adaln, 4 * x.numel(),
+         lambda: adaln.layernorm_modulate(x, shift, scale, seg),
+         lambda: adaln.layernorm_modulate_ref(x, shift, scale, seg)),
+    )
+    rows = []
+    for case, module, nbytes, fused, ref in cases:
+        got, expected = fused(), ref()
+        if isinstance(got, tuple):  # e4m3 rows and their scales
+            (q, qs), (qr, sr) = got, expected
+            got, expected = q.float() * qs[:, None], qr.float() * sr[:, None]
+        err = rel_err(got, expected)
+        settings = module.row_settings
+        providers = {"triton": fused}
+        for warps in (4, 8, 16, 32):
+            def with_warps(warps=warps, module=module, settings=settings, fused=fused):
+                module.row_settings = lambda k: (settings(k)[0], warps)
+                try:
+                    return fused()
+                finally:
+                    module.row_settings = settings
+            providers[f"warps={warps}"] = with_warps
+        rows += bandwidth_rows(bench, case, nbytes, err, providers, args.no_compile)
+        print(format_table({"fp8": rows}), flush=True)
+    return rows
+
+
 def bench_attention(bench: Bench, args: argparse.Namespace) -> list[dict]:
     cases = QUICK_ATTENTION_CASES if args.quick else ATTENTION_CASES
     return [row for batch, seq in cases for row in _attention_case(bench, args, batch, seq)]
@@ -258,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "timing": "triton.testing.do_bench median, ms",
     }
-    runners = {"norm_rope": bench_norm_rope, "adaln": bench_adaln, "attention": bench_attention}
+    runners = {"norm_rope": bench_norm_rope, "adaln": bench_adaln, "attention": bench_attention, "fp8": bench_fp8}
     for section in args.only:
         start = time.perf_counter()
         results[section] = runners[section](bench, args)

@@ -1,12 +1,14 @@
 """One request spread over several GPUs: CFG-parallel and Ulysses sequence-parallel vs one GPU, in ONE run.
 
-Random full-size bf16 weights (each rank draws the same seeded weights on its GPU). The whole pipeline
+Random full-size bf16 weights (each rank draws the same seeded weights on its GPU), optionally quantized to FP8
+(``--quantization fp8``, with ``--attention-dtype fp8`` FP8 attention too) on every rank. The whole pipeline
 runs on GPU 0 as in compare.py (given prompt embeddings, VAE encode, 50 steps with CFG, VAE decode to PIL);
 only the transformer is spread. For each layout: parity of one packed forward with the one-GPU forward
 (relative error), the mean pixel difference of the final layers from the one-GPU run's, and seconds per
 request (median of ``--repeat``).
 
     python benchmarks/parallel.py [--layouts 2x1,1x2] [--steps 50] [--resolution 640] [--layers 4]
+                                  [--quantization fp8] [--attention-dtype fp8]
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RandomTransformer, bench_ms, write_results, write_text  # noqa: E402
+from benchmarks.common import bench_ms, write_results, write_text  # noqa: E402
 from benchmarks.compare import CAPTION, NEGATIVE, input_image  # noqa: E402
 from benchmarks.pipeline_step import random_pipeline, timed  # noqa: E402
 from vllm_layered.model_executor.denoise import build_forward_batch  # noqa: E402
+from vllm_layered.model_executor.model_loader.dummy_checkpoint import full_size_model_folder  # noqa: E402
+from vllm_layered.model_executor.models.fp8_attention import ATTENTION_DTYPES  # noqa: E402
 from vllm_layered.model_executor.parallel import ParallelConfig, ParallelTransformer  # noqa: E402
+from vllm_layered.model_executor.parallel.executor import CheckpointTransformer  # noqa: E402
 from vllm_layered.model_executor.pipeline import GenerationParams  # noqa: E402
 
 
@@ -76,9 +81,15 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="write rank 0's op profile of one forward")
+    parser.add_argument("--quantization", choices=("none", "fp8"), default="none", help="every rank's transformer")
+    parser.add_argument("--attention-dtype", choices=ATTENTION_DTYPES, default="bf16",
+                        help="fp8 needs --quantization fp8")
     args = parser.parse_args()
 
-    pipe = random_pipeline()
+    quantization = None if args.quantization == "none" else args.quantization
+    pipe = random_pipeline(quantization, args.attention_dtype)
+    factory = CheckpointTransformer(full_size_model_folder() / "transformer", pipe.dtype, quantization,
+                                    args.attention_dtype, load_format="dummy")
     single = pipe.transformer
     image = input_image(args.resolution)
     params = GenerationParams(layers=args.layers, resolution=args.resolution)
@@ -95,7 +106,7 @@ def main() -> None:
                                           for i in range(batch.num_sequences)]))
         print(rows[-1], flush=True)
         for config in args.layouts:
-            pipe.transformer = ParallelTransformer.launch(single, RandomTransformer(), config, pipe.device)
+            pipe.transformer = ParallelTransformer.launch(single, factory, config, pipe.device)
             try:
                 got = pipe.transformer(batch)
                 forward_err = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
@@ -117,6 +128,7 @@ def main() -> None:
     write_results("parallel.json", dict(args={**vars(args), "layouts": [str(c) for c in args.layouts]},
                                         device=device, torch=torch.__version__, rows=rows))
     print(f"\none request {args.resolution}/{args.layers} layers/{args.steps} steps/CFG, given embeddings, "
+          f"quantization {args.quantization}, attention {args.attention_dtype}, "
           f"on {torch.cuda.device_count()} x {device}")
     print(f"{'layout':14s} {'GPUs':>4s} {'s/request':>9s} {'speedup':>8s} {'fwd ms':>7s} {'fwd rel err':>11s} "
           f"{'px mean diff':>12s}")

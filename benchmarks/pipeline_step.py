@@ -29,9 +29,10 @@ from vllm_layered.model_executor.pipeline import GenerationParams, LayeredPipeli
 CAPTION = " ".join(["a red fox sitting on a wooden bench in a snowy park with pine trees"] * 14)
 
 
-def random_pipeline() -> LayeredPipeline:
+def random_pipeline(quantization: str | None = None, attention_dtype: str | None = None) -> LayeredPipeline:
     """The full-size pipeline with seeded random bf16 weights on the GPU (``--load-format dummy``)."""
     return LayeredPipeline.from_pretrained(full_size_model_folder(), device="cuda", dtype=torch.bfloat16,
+                                           quantization=quantization, attention_dtype=attention_dtype,
                                            load_format="dummy")
 
 

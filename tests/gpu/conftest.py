@@ -139,3 +139,26 @@ def full_pipeline():
     yield pipeline
     del pipeline
     release_gpu_memory()
+
+
+# What the served path runs: bf16; FP8 GEMMs (--quantization fp8); FP8 GEMMs + FP8 attention (--attention-dtype fp8,
+# cuDNN's FP8 kernel: needs the fp8-attention extra, and fails here with the pip command when it is missing).
+VARIANTS = ("none", "fp8", "fp8-attention")
+
+
+def variant_settings(variant: str) -> tuple[str | None, str]:
+    """(quantization, attention_dtype) of a variant, as LayeredPipeline.from_pretrained takes them."""
+    return {"none": (None, "bf16"), "fp8": ("fp8", "bf16"), "fp8-attention": ("fp8", "fp8")}[variant]
+
+
+def variant_pipeline(pipeline: LayeredPipeline, variant: str) -> LayeredPipeline:
+    """``pipeline`` (bf16) as ``variant``: the FP8 ones share its weights (only the e4m3 copies are new memory)."""
+    from benchmarks.common import fp8_pipeline_sharing
+    from vllm_layered.model_executor.models.fp8_attention import check_attention_dtype, set_attention_dtype
+
+    quantization, attention_dtype = variant_settings(variant)
+    if quantization is None:
+        return pipeline
+    pipe = fp8_pipeline_sharing(pipeline)
+    set_attention_dtype(pipe.transformer, check_attention_dtype(attention_dtype, quantization, pipe.device))
+    return pipe

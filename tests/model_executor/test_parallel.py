@@ -136,9 +136,9 @@ def test_fp8_sequence_parallel_equals_one_process(tiny_checkpoint, reference):
 
 
 def test_fp8_attention_sequence_parallel_equals_one_process(tiny_checkpoint, reference):
-    """FP8 attention on sharded rows: the group all-reduces each sequence's amax(V), so every rank quantizes V and O
-    with the one-process scales (also for sequences it holds no row of), and the all-to-alls move e4m3 bytes: the
-    shards' forward is the one-process one (measured: 0 difference)."""
+    """FP8 attention on sharded rows: the group all-reduces each sequence's amax(V) and sum of V, so every rank
+    centers and quantizes V and O with the one-process means and scales (also for sequences it holds no row of), and
+    the all-to-alls move e4m3 bytes: the shards' forward is the one-process one within float32 summation order."""
     _, batch, _ = reference
     folder = tiny_checkpoint / "transformer"
     model = LayeredTransformer.from_pretrained(folder, dtype=torch.float32, quantization="fp8", attention_dtype="fp8")

@@ -142,10 +142,15 @@ def _handle(cudnn: Any, device: int) -> Any:
     return handle
 
 
-def _build_graph(cudnn: Any, handle: Any, length: int, heads: int, head_dim: int, scale: float) -> _Graph:
+def _build_graph(
+    cudnn: Any, handle: Any, length: int, heads: int, head_dim: int, scale: float, *,
+    heuristics: Sequence[Any] | None = None, all_plans: bool = False, plan: tuple[int, dict] | None = None,
+) -> _Graph:
     """The sdpa_fp8 graph of one sequence of ``length`` tokens, BSHD strides: q, k, v and o are [1, H, L, D] views of
     [L, H, D] rows. Stats are not generated (inference); amax(O) is an output (cuDNN's own tests declare it so),
-    amax(S) stays virtual as the frontend recommends."""
+    amax(S) stays virtual as the frontend recommends. ``heuristics`` (cuDNN heuristic modes, default A then
+    FALLBACK) rank the candidate plans; the first that builds runs, or with ``all_plans`` every one is built;
+    ``plan`` (engine id, knobs) builds that one plan instead (benchmarks/attention_fp8.py times them)."""
     e4m3, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
     graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
     dims = [1, heads, length, head_dim]
@@ -167,9 +172,10 @@ def _build_graph(cudnn: Any, handle: Any, length: int, heads: int, head_dim: int
     steps = (
         ("validate", graph.validate),
         ("build_operation_graph", graph.build_operation_graph),
-        ("create_execution_plans", lambda: graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])),
+        ("create_execution_plans", lambda: graph.create_execution_plan(*plan) if plan else graph.create_execution_plans(
+            list(heuristics or (cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK)))),
         ("check_support", graph.check_support),
-        ("build_plans", graph.build_plans),
+        ("build_plans", lambda: graph.build_plans(cudnn.build_plan_policy.ALL) if all_plans else graph.build_plans()),
     )
     for step, run in steps:
         try:
@@ -249,12 +255,20 @@ def cudnn_fp8_attention(
                 continue
             g = _graph(cudnn, device, end - start, heads, head_dim, scale)
             scratch = _scratch(device, stream, g.workspace_size)
-            pack = {
-                g.q: _bshd(q, start, end), g.k: _bshd(k, start, end), g.v: _bshd(v, start, end),
-                g.o: _bshd(out, start, end),
-                g.descale_q: scales.q, g.descale_k: scales.k,
-                g.descale_v: scales.v[b : b + 1], g.scale_o: scales.o_inv[b : b + 1],
-                g.descale_s: scratch.descale_s, g.scale_s: scratch.scale_s, g.amax_o: scratch.amax_o,
-            }
+            pack = _variant_pack(g, scratch, (q, k, v, out), scales, b, start, end)
             g.graph.execute(pack, scratch.workspace, handle=handle)
     return out
+
+
+def _variant_pack(
+    g: _Graph, scratch: _Scratch, qkvo: tuple[torch.Tensor, ...], scales: Fp8AttentionScales, b: int, start: int,
+    end: int,
+) -> dict[Any, torch.Tensor]:
+    """Sequence b's tensors (rows start:end of q, k, v and out) for graph g."""
+    q, k, v, out = (_bshd(t, start, end) for t in qkvo)
+    return {
+        g.q: q, g.k: k, g.v: v, g.o: out,
+        g.descale_q: scales.q, g.descale_k: scales.k,
+        g.descale_v: scales.v[b : b + 1], g.scale_o: scales.o_inv[b : b + 1],
+        g.descale_s: scratch.descale_s, g.scale_s: scratch.scale_s, g.amax_o: scratch.amax_o,
+    }

@@ -1,5 +1,5 @@
-"""The quantization math of FP8 (e4m3) attention: the scales of Q, K, V and O, V's quantization kernel, and a plain
-PyTorch reference of the whole quantized attention.
+"""The quantization math of FP8 (e4m3) attention: the scales of Q, K, V and O, the kernels that center and quantize
+V and restore O's mean, and a plain PyTorch reference of each and of the whole quantized attention.
 
 cuDNN's FP8 attention (kernels/cudnn_fp8_attention.py) takes e4m3 Q, K, V with one dequantization factor each
 (per tensor and call: real value = code * scale) and writes e4m3 O after multiplying it by ``scale_o``. Where each
@@ -12,13 +12,23 @@ scale comes from, and why none of them needs a pass over the data except V's:
 - V: dynamic, per sequence, from amax(V) over the sequence's rows (`sequence_amax`: one reduction pass over V;
   `quantize_v` then writes e4m3 V). Per sequence rather than per packed batch so that a sequence's result does not
   depend on what it is packed with (the serving engine packs requests that the offline pipeline runs alone).
+- V centered (what the model runs): the per-sequence mean over V's rows is subtracted before quantization and
+  added back to O afterwards (`restore_mean`, which quantizes O's rows for the output projections). The softmax
+  weights of a row sum to 1, so attention(V - mean) + mean = attention(V) exactly. Why: in the model V has a large
+  component shared by every token (the AdaLN shift projected by W_v), so every P v term has the same sign, and
+  cuDNN's FP8 kernel loses that sum's precision as the sequence grows: on the model's own Q, K, V its output was
+  11-18% off float32 attention at 9800 tokens and 23-39% at 24776, against 0.2-0.7% with V centered
+  (benchmarks/attention_fp8.py section h, benchmarks/RESULTS.md). |v - mean| <= 2 amax(V), so V's scale comes
+  from `V_CENTERED_BOUND` * amax(V) without a pass over the centered values; e4m3 keeps its relative precision
+  under a loose scale (see below).
 - O: static given V's: O = softmax(S) V is a convex combination of V's rows, so |O| <= amax(V) and
   ``scale_o = 448 / (amax(V) * O_HEADROOM)`` needs no pass over O either. The headroom covers cuDNN's FP8 recipe,
   where the probabilities P are rounded to e4m3 (relative error <= 2^-4 for normal values, a half-step of the
   subnormals below) while the row sum uses fp32 P, so the rounded weights can sum to slightly more than 1. If it
   were ever exceeded the e4m3 conversion saturates at 448 (PTX has only the saturating cvt to e4m3): never inf/NaN.
-  The attention output with these scales feeds the FP8 output projections as is (an Fp8Rows whose row scales are
-  each row's sequence's 1 / scale_o): no dequantize/requantize round trip.
+  Without centering, the attention output with these scales could feed the FP8 output projections as is (row
+  scales: each row's sequence's 1 / scale_o); with it, `restore_mean` reads O once, adds the mean and writes the
+  projections' e4m3 rows: one pass over O, e4m3 in and out.
 
 e4m3 is a float format (3 mantissa bits over exponents 2^-6..2^8, subnormals to 2^-9): scaling to a bound rather
 than to the exact amax keeps every value's relative precision and only moves the underflow threshold, which the
@@ -35,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_layered.kernels.attention import check_seq_bounds, softmax_scale
-from vllm_layered.kernels.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS
+from vllm_layered.kernels.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS, quantize_row_values, quantize_rows_ref
 from vllm_layered.kernels.triton_utils import (
     check_one_device,
     last_dim_contiguous,
@@ -47,12 +57,14 @@ from vllm_layered.kernels.triton_utils import (
 )
 
 __all__ = [
-    "O_HEADROOM", "QK_BOUND_MARGIN", "Fp8AttentionScales", "QuantizedV", "check_attention_inputs",
-    "fp8_attention_ref", "qk_scale", "quantize_v", "quantize_v_ref", "sequence_amax", "v_amax",
+    "O_HEADROOM", "QK_BOUND_MARGIN", "V_CENTERED_BOUND", "Fp8AttentionScales", "QuantizedV",
+    "check_attention_inputs", "fp8_attention_ref", "qk_scale", "quantize_v", "quantize_v_ref", "restore_mean",
+    "restore_mean_ref", "sequence_amax", "sequence_mean", "sequence_sum", "v_amax",
 ]
 
 QK_BOUND_MARGIN = 1 + 2**-6  # the bf16 roundings of the norm (<= 2^-8 relative together) and the fp32 rotation
 O_HEADROOM = 1.125  # |O| / amax(V) under e4m3 probabilities: <= 1 + 2^-4 for normal P, plus subnormal rounding
+V_CENTERED_BOUND = 2.0  # max |v - mean| / amax(V): |v - mean| <= |v| + |mean| <= 2 amax(V)
 
 
 @dataclass(frozen=True)
@@ -108,13 +120,31 @@ def v_amax(v: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(v, ord=float("inf")) if v.numel() else v.new_zeros(())
 
 
+def _local_edges(n: int, bounds: Sequence[int], row_offset: int) -> list[int]:
+    """The sequences' bounds within rows row_offset..row_offset + n of the joint buffer, clamped to [0, n]."""
+    return [min(max(b - row_offset, 0), n) for b in bounds]
+
+
 def sequence_amax(v: torch.Tensor, bounds: Sequence[int], row_offset: int = 0) -> torch.Tensor:
     """max |v| over each sequence's rows, [B] float32: v [N, C] holds rows row_offset.. of the joint buffer whose
     sequences are bounds[b]:bounds[b + 1] (a sequence-parallel rank holds a range of them: 0 for a sequence none of
     whose rows it holds). One reduction per sequence, together one pass over v."""
-    n = v.shape[0]
-    edges = [min(max(b - row_offset, 0), n) for b in bounds]
+    edges = _local_edges(v.shape[0], bounds, row_offset)
     return torch.stack([v_amax(v[a:b]) for a, b in zip(edges[:-1], edges[1:])]).float()
+
+
+def sequence_sum(v: torch.Tensor, bounds: Sequence[int], row_offset: int = 0) -> torch.Tensor:
+    """Each sequence's sum over its rows (of those v holds, as `sequence_amax`), [B, C] float32, summed in float32
+    without a float32 copy of v. A sequence-parallel group all-reduces these before `sequence_mean`."""
+    edges = _local_edges(v.shape[0], bounds, row_offset)
+    return torch.stack([torch.sum(v[a:b], dim=0, dtype=torch.float32) for a, b in zip(edges[:-1], edges[1:])])
+
+
+def sequence_mean(sums: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """The per-sequence means [B, C] float32 from `sequence_sum` and the joint buffer's bounds (on the device: no
+    host sync); 0 for an empty sequence."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).clamp(min=1).to(torch.float32)
+    return sums / lengths[:, None]
 
 
 def _scale_vector(num_seqs: int, device: torch.device) -> torch.Tensor:
@@ -123,34 +153,48 @@ def _scale_vector(num_seqs: int, device: torch.device) -> torch.Tensor:
 
 
 @triton.jit
-def _quantize_v_kernel(
-    X, Q, SEQ_AMAX, CU_SEQLENS, V_SCALE, O_INV, O_ROW_SCALE,  #
-    stride_xm, stride_qm, stride_scale,  #
-    n_cols, row_offset, num_seqs, eps,  #
-    FP8_MAX: tl.constexpr, O_HEADROOM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    # x: [N, C] (stride 1 over C), joint rows row_offset..; q: [N, C] e4m3; seq_amax: [B] float32; cu_seqlens:
-    # [B + 1] the joint buffer's sequence bounds; v_scale, o_inv: [B] (stride_scale); o_row_scale: [N].
-    # One program per row; program 0 also writes every sequence's scales.
-    row = tl.program_id(0).to(tl.int64)
+def _row_sequence(CU_SEQLENS, joint_row, num_seqs, BLOCK_S: tl.constexpr):
+    """The sequence that joint row ``joint_row`` belongs to (cu_seqlens: [B + 1] bounds; rows past the last
+    sequence count as the last)."""
     offs_s = tl.arange(0, BLOCK_S)
     has_seq = offs_s < num_seqs
     ends = tl.load(CU_SEQLENS + 1 + offs_s, mask=has_seq, other=0).to(tl.int64)
-    seq = tl.minimum(tl.sum((has_seq & (ends <= row_offset + row)).to(tl.int32), axis=0), num_seqs - 1)
-    amax = tl.maximum(tl.load(SEQ_AMAX + seq), eps)
+    return tl.minimum(tl.sum((has_seq & (ends <= joint_row)).to(tl.int32), axis=0), num_seqs - 1)
+
+
+@triton.jit
+def _quantize_v_kernel(
+    X, Q, SEQ_AMAX, MEAN, CU_SEQLENS, V_SCALE, O_INV, O_ROW_SCALE,  #
+    stride_xm, stride_qm, stride_mean, stride_scale,  #
+    n_cols, row_offset, num_seqs, eps,  #
+    FP8_MAX: tl.constexpr, O_HEADROOM: tl.constexpr, BOUND: tl.constexpr, CENTER: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # x: [N, C] (stride 1 over C), joint rows row_offset..; q: [N, C] e4m3; seq_amax: [B] float32; mean: [B, C]
+    # float32 (read when CENTER); cu_seqlens: [B + 1] the joint buffer's sequence bounds; v_scale, o_inv: [B]
+    # (stride_scale); o_row_scale: [N]. One program per row; program 0 also writes every sequence's scales.
+    row = tl.program_id(0).to(tl.int64)
+    seq = _row_sequence(CU_SEQLENS, row_offset + row, num_seqs, BLOCK_S)
+    bound = tl.maximum(tl.load(SEQ_AMAX + seq), eps) * BOUND
     cols = tl.arange(0, BLOCK_K)
     mask = cols < n_cols
     x = tl.load(X + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
-    q = tl.clamp(x * (FP8_MAX / amax), -FP8_MAX, FP8_MAX)
+    if CENTER:
+        x = x - tl.load(MEAN + seq * stride_mean + cols, mask=mask, other=0.0)
+    q = tl.clamp(x * (FP8_MAX / bound), -FP8_MAX, FP8_MAX)
     tl.store(Q + row * stride_qm + cols, q.to(Q.dtype.element_ty), mask=mask)
-    tl.store(O_ROW_SCALE + row, amax * O_HEADROOM / FP8_MAX)
+    tl.store(O_ROW_SCALE + row, bound * O_HEADROOM / FP8_MAX)
     if row == 0:
-        amaxes = tl.maximum(tl.load(SEQ_AMAX + offs_s, mask=has_seq, other=1.0), eps)
-        tl.store(V_SCALE + offs_s * stride_scale, amaxes / FP8_MAX, mask=has_seq)
-        tl.store(O_INV + offs_s * stride_scale, FP8_MAX / (amaxes * O_HEADROOM), mask=has_seq)
+        offs_s = tl.arange(0, BLOCK_S)
+        has_seq = offs_s < num_seqs
+        bounds = tl.maximum(tl.load(SEQ_AMAX + offs_s, mask=has_seq, other=1.0), eps) * BOUND
+        tl.store(V_SCALE + offs_s * stride_scale, bounds / FP8_MAX, mask=has_seq)
+        tl.store(O_INV + offs_s * stride_scale, FP8_MAX / (bounds * O_HEADROOM), mask=has_seq)
 
 
-def _check_v(v: torch.Tensor, seq_amax: torch.Tensor, cu_seqlens: torch.Tensor, row_offset: int) -> None:
+def _check_v(
+    v: torch.Tensor, seq_amax: torch.Tensor, cu_seqlens: torch.Tensor, row_offset: int, mean: torch.Tensor | None
+) -> None:
     if v.dim() != 2 or v.shape[1] == 0:
         raise ValueError(f"v must be [N, C] with C > 0, got shape {tuple(v.shape)}")
     if v.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -161,54 +205,134 @@ def _check_v(v: torch.Tensor, seq_amax: torch.Tensor, cu_seqlens: torch.Tensor, 
     if cu_seqlens.shape != (num_seqs + 1,) or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cu_seqlens must be [B + 1] = [{num_seqs + 1}] int32/int64, got {cu_seqlens.dtype} "
                          f"{tuple(cu_seqlens.shape)}")
+    if mean is not None and (mean.shape != (num_seqs, v.shape[1]) or mean.dtype != torch.float32):
+        raise ValueError(f"mean must be [B, C] = [{num_seqs}, {v.shape[1]}] float32, got {mean.dtype} "
+                         f"{tuple(mean.shape)}")
     if row_offset < 0:
         raise ValueError(f"row_offset must be >= 0, got {row_offset}")
-    check_one_device("v", v, seq_amax, cu_seqlens)
+    check_one_device("v", v, seq_amax, cu_seqlens, *(() if mean is None else (mean,)))
 
 
-def quantize_v(v: torch.Tensor, seq_amax: torch.Tensor, cu_seqlens: torch.Tensor, row_offset: int = 0) -> QuantizedV:
+def quantize_v(
+    v: torch.Tensor, seq_amax: torch.Tensor, cu_seqlens: torch.Tensor, row_offset: int = 0,
+    mean: torch.Tensor | None = None,
+) -> QuantizedV:
     """e4m3 V for FP8 attention, one scale per sequence (see the module docstring): v [N, C] holds joint rows
     row_offset.. of the buffer whose sequence bounds are ``cu_seqlens`` (on v's device: no host sync); a row of
     sequence b becomes clamp(v * 448 / seq_amax[b]). ``seq_amax``: `sequence_amax` (v, ...), or a sequence-parallel
-    group's all-reduced value. The sequences' row bounds are not checked on the device. Strided rows are read in
-    place."""
+    group's all-reduced value. With ``mean`` ([B, C] float32, `sequence_mean`) the row is centered first,
+    clamp((v - mean[b]) * 448 / (V_CENTERED_BOUND * seq_amax[b])). The sequences' row bounds are not checked on the
+    device. Strided rows are read in place."""
     require_triton("quantize_v")
-    _check_v(v, seq_amax, cu_seqlens, row_offset)
+    _check_v(v, seq_amax, cu_seqlens, row_offset, mean)
     v = last_dim_contiguous(v)
     m, k = v.shape
     if m == 0:  # no program would write the scales
-        return quantize_v_ref(v, seq_amax, cu_seqlens, row_offset)
+        return quantize_v_ref(v, seq_amax, cu_seqlens, row_offset, mean)
     num_seqs = seq_amax.numel()
     out = QuantizedV(torch.empty((m, k), dtype=FP8_DTYPE, device=v.device), _scale_vector(num_seqs, v.device),
                      _scale_vector(num_seqs, v.device), torch.empty(m, dtype=torch.float32, device=v.device))
+    center = mean is not None
+    mean = last_dim_contiguous(mean) if center else seq_amax  # a placeholder pointer, never read
     block_k, num_warps = row_settings(k)
     _quantize_v_kernel[(m,)](
-        v, out.data, seq_amax.contiguous(), cu_seqlens.contiguous(), out.scale, out.o_inv, out.o_row_scale,  #
-        v.stride(0), out.data.stride(0), out.scale.stride(0),  #
+        v, out.data, seq_amax.contiguous(), mean, cu_seqlens.contiguous(), out.scale, out.o_inv, out.o_row_scale,  #
+        v.stride(0), out.data.stride(0), mean.stride(0), out.scale.stride(0),  #
         k, row_offset, num_seqs, SCALE_EPS,  #
-        FP8_MAX=FP8_MAX, O_HEADROOM=O_HEADROOM, BLOCK_K=block_k, BLOCK_S=max(next_power_of_2(num_seqs), 2),
-        num_warps=num_warps,
+        FP8_MAX=FP8_MAX, O_HEADROOM=O_HEADROOM, BOUND=V_CENTERED_BOUND if center else 1.0, CENTER=center,
+        BLOCK_K=block_k, BLOCK_S=max(next_power_of_2(num_seqs), 2), num_warps=num_warps,
     )
     return out
 
 
+def _joint_row_sequence(cu_seqlens: torch.Tensor, n: int, row_offset: int, num_seqs: int) -> torch.Tensor:
+    rows = torch.arange(row_offset, row_offset + n, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].long(), rows, right=True).clamp(max=num_seqs - 1)
+
+
 def quantize_v_ref(
-    v: torch.Tensor, seq_amax: torch.Tensor, cu_seqlens: torch.Tensor, row_offset: int = 0
+    v: torch.Tensor, seq_amax: torch.Tensor, cu_seqlens: torch.Tensor, row_offset: int = 0,
+    mean: torch.Tensor | None = None,
 ) -> QuantizedV:
     """PyTorch version of `quantize_v` (same arguments, same arithmetic: bit for bit where division is IEEE)."""
-    _check_v(v, seq_amax, cu_seqlens, row_offset)
-    amax = seq_amax.clamp(min=SCALE_EPS)
+    _check_v(v, seq_amax, cu_seqlens, row_offset, mean)
+    bound = seq_amax.clamp(min=SCALE_EPS) * (1.0 if mean is None else V_CENTERED_BOUND)
     # tensor / tensor only: torch may turn a division by a Python float into a multiplication by its reciprocal
-    fp8_max = torch.full_like(amax, FP8_MAX)
-    scaled = amax * O_HEADROOM
-    rows = torch.arange(row_offset, row_offset + v.shape[0], device=v.device)
-    seq = torch.searchsorted(cu_seqlens[1:].long(), rows, right=True).clamp(max=amax.numel() - 1)
+    fp8_max = torch.full_like(bound, FP8_MAX)
+    scaled = bound * O_HEADROOM
+    seq = _joint_row_sequence(cu_seqlens, v.shape[0], row_offset, bound.numel())
+    x = v.float() if mean is None else v.float() - mean[seq]
     return QuantizedV(
-        (v.float() * (fp8_max / amax)[seq, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE),
-        amax / fp8_max,
+        (x * (fp8_max / bound)[seq, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE),
+        bound / fp8_max,
         fp8_max / scaled,
         (scaled / fp8_max)[seq],
     )
+
+
+@triton.jit
+def _restore_mean_kernel(
+    O8, ROW_SCALE, MEAN, CU_SEQLENS, Q, SCALE,  #
+    stride_om, stride_mean, stride_qm,  #
+    n_cols, row_offset, num_seqs, eps,  #
+    FP8_MAX: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # o8: [N, C] e4m3, row scales [N]; mean: [B, C] float32; q: [N, C] e4m3; scale: [N]. One program per row.
+    row = tl.program_id(0).to(tl.int64)
+    seq = _row_sequence(CU_SEQLENS, row_offset + row, num_seqs, BLOCK_S)
+    cols = tl.arange(0, BLOCK_K)
+    mask = cols < n_cols
+    o = tl.load(O8 + row * stride_om + cols, mask=mask, other=0.0).to(tl.float32) * tl.load(ROW_SCALE + row)
+    o = o + tl.load(MEAN + seq * stride_mean + cols, mask=mask, other=0.0)
+    q, scale = quantize_row_values(o, eps, FP8_MAX)
+    tl.store(Q + row * stride_qm + cols, q.to(Q.dtype.element_ty), mask=mask)
+    tl.store(SCALE + row, scale)
+
+
+def _check_restore(o8: torch.Tensor, row_scale: torch.Tensor, mean: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    if o8.dim() != 2 or o8.dtype != FP8_DTYPE:
+        raise ValueError(f"o8 must be [N, C] {FP8_DTYPE}, got {o8.dtype} {tuple(o8.shape)}")
+    if row_scale.shape != (o8.shape[0],) or row_scale.dtype != torch.float32:
+        raise ValueError(f"row_scale must be [N] float32, got {row_scale.dtype} {tuple(row_scale.shape)}")
+    if mean.dim() != 2 or mean.shape[1] != o8.shape[1] or mean.dtype != torch.float32:
+        raise ValueError(f"mean must be [B, C] float32 with C = {o8.shape[1]}, got {mean.dtype} {tuple(mean.shape)}")
+    if cu_seqlens.shape != (mean.shape[0] + 1,):
+        raise ValueError(f"cu_seqlens must be [B + 1] = [{mean.shape[0] + 1}], got {tuple(cu_seqlens.shape)}")
+    check_one_device("o8", o8, row_scale, mean, cu_seqlens)
+
+
+def restore_mean(
+    o8: torch.Tensor, row_scale: torch.Tensor, mean: torch.Tensor, cu_seqlens: torch.Tensor, row_offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention output of centered V with its sequence's mean added back, quantized per row as the FP8 output
+    projections read it (fp8.quantize_rows' rule): o8 [N, C] e4m3 rows (joint rows row_offset..) with row scales
+    ``row_scale``; mean [B, C]. Returns (q [N, C] e4m3, scale [N] float32). One pass: read, add, quantize."""
+    require_triton("restore_mean")
+    _check_restore(o8, row_scale, mean, cu_seqlens)
+    o8, mean = last_dim_contiguous(o8), last_dim_contiguous(mean)
+    m, k = o8.shape
+    q = torch.empty((m, k), dtype=FP8_DTYPE, device=o8.device)
+    scale = torch.empty(m, dtype=torch.float32, device=o8.device)
+    if m == 0:
+        return q, scale
+    num_seqs = mean.shape[0]
+    block_k, num_warps = row_settings(k)
+    _restore_mean_kernel[(m,)](
+        o8, row_scale.contiguous(), mean, cu_seqlens.contiguous(), q, scale,  #
+        o8.stride(0), mean.stride(0), q.stride(0),  #
+        k, row_offset, num_seqs, SCALE_EPS,  #
+        FP8_MAX=FP8_MAX, BLOCK_K=block_k, BLOCK_S=max(next_power_of_2(num_seqs), 2), num_warps=num_warps,
+    )
+    return q, scale
+
+
+def restore_mean_ref(
+    o8: torch.Tensor, row_scale: torch.Tensor, mean: torch.Tensor, cu_seqlens: torch.Tensor, row_offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch version of `restore_mean` (same arguments, same arithmetic)."""
+    _check_restore(o8, row_scale, mean, cu_seqlens)
+    seq = _joint_row_sequence(cu_seqlens, o8.shape[0], row_offset, mean.shape[0])
+    return quantize_rows_ref(o8.float() * row_scale[:, None] + mean[seq])
 
 
 def check_attention_inputs(

@@ -1,9 +1,10 @@
 """FP8 (e4m3) attention for the transformer: the opt-in ``attention_dtype="fp8"``, on top of ``quantization="fp8"``.
 
 In each JointAttention the QK-norm + RoPE kernel writes Q and K as e4m3 with static per-layer scales (derived from
-the norm weights once, by `set_attention_dtype`), V is projected as before and quantized per tensor, attention runs
-on cuDNN's FP8 kernel (kernels/cudnn_fp8_attention.py; on other devices the PyTorch reference of the same math),
-and its e4m3 output with its per-tensor scale is the input of both FP8 output projections. The scales and why they
+the norm weights once, by `set_attention_dtype`), V is projected as before, centered on its per-sequence mean and
+quantized per sequence, attention runs on cuDNN's FP8 kernel (kernels/cudnn_fp8_attention.py; on other devices the
+PyTorch reference of the same math), and one pass adds the mean back to its e4m3 output and quantizes the rows for
+both FP8 output projections. The scales and why they
 cannot overflow: kernels/fp8_attention.py.
 
 Why only with FP8 GEMMs: on Hopper cuDNN writes FP8 attention's output only as e4m3, which an FP8 projection reads
@@ -29,7 +30,11 @@ from vllm_layered.kernels.fp8_attention import (
     qk_scale,
     quantize_v,
     quantize_v_ref,
+    restore_mean,
+    restore_mean_ref,
     sequence_amax,
+    sequence_mean,
+    sequence_sum,
 )
 from vllm_layered.kernels.triton_utils import use_triton
 from vllm_layered.model_executor.models.fp8_linear import Fp8Linear, Fp8Rows
@@ -110,20 +115,25 @@ def fp8_joint_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Fp8AttentionLayer, meta: PackedMetadata
 ) -> Fp8Rows:
     """Attention over the joint buffers [rows, H, D]: q and k e4m3 (written with ``layer``'s scales), v in the
-    projection's dtype, quantized here with one scale per sequence. Returns the output rows, e4m3 with their
-    sequences' scales, for the FP8 output projections.
+    projection's dtype, centered on its per-sequence mean and quantized here with one scale per sequence; the mean is
+    added back to the output, whose rows are quantized for the FP8 output projections (kernels/fp8_attention.py says
+    why V is centered).
 
     Sequence parallel (``meta.ulysses``): a rank holds a range of the joint rows, so the group all-reduces the
-    per-sequence amax(V) (every rank then attends over every row with the same scales), and the all-to-alls move
-    e4m3 bytes.
+    per-sequence amax(V) and sums of V (every rank then attends over every row with the same scales and means), and
+    the all-to-alls move e4m3 bytes.
     """
     exchange = meta.ulysses
     row_offset = 0 if exchange is None else exchange.row_range[0]
     rows = v.view(meta.total_tokens, -1)
     amax = sequence_amax(rows, meta.seq_bounds, row_offset)
+    sums = sequence_sum(rows, meta.seq_bounds, row_offset)
     if exchange is not None:
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=exchange.group)
-    quantized = (quantize_v if use_triton(v) else quantize_v_ref)(rows, amax, meta.cu_seqlens, row_offset)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=exchange.group)
+    mean = sequence_mean(sums, meta.cu_seqlens)
+    triton = use_triton(v)
+    quantized = (quantize_v if triton else quantize_v_ref)(rows, amax, meta.cu_seqlens, row_offset, mean)
     v8 = quantized.data.view(v.shape)
     if exchange is not None:
         q, k, v8 = (_as_bytes(exchange.scatter_heads, t) for t in (q, k, v8))
@@ -131,7 +141,9 @@ def fp8_joint_attention(
     out = (cudnn_fp8_attention if q.is_cuda else fp8_attention_ref)(q, k, v8, scales, meta.seq_bounds)
     if exchange is not None:
         out = _as_bytes(exchange.gather_heads, out)
-    return Fp8Rows(out.view(meta.total_tokens, -1), quantized.o_row_scale, v.dtype)
+    restored = (restore_mean if triton else restore_mean_ref)(
+        out.view(meta.total_tokens, -1), quantized.o_row_scale, mean, meta.cu_seqlens, row_offset)
+    return Fp8Rows(*restored, v.dtype)
 
 
 def _as_bytes(exchange: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor) -> torch.Tensor:
