@@ -245,7 +245,10 @@ class ParallelTransformer:
         return self.ctx.config
 
     def dead_workers(self) -> list[str]:
-        return [_describe(worker) for worker in self._workers if not worker.is_alive()]
+        """The worker ranks that have exited. Read from their sentinels, which turn ready when a process ends
+        whichever thread reaps it: ``is_alive()`` can still say True while the watchdog's join is reaping it."""
+        ended = set(mp_connection.wait([worker.sentinel for worker in self._workers], timeout=0))
+        return [_describe(worker) for worker in self._workers if worker.sentinel in ended]
 
     @property
     def failure(self) -> str | None:
