@@ -15,7 +15,7 @@ scale comes from, and why none of them needs a pass over the data except V's:
 - V centered (what the model runs): the per-sequence mean over V's rows is subtracted before quantization and
   added back to O afterwards (`restore_mean`, which quantizes O's rows for the output projections). The softmax
   weights of a row sum to 1, so attention(V - mean) + mean = attention(V) exactly. Why: in the model V has a large
-  component shared by every token (there, O's rms was 0.95 of V's), so every P v term has the same sign, and
+  component shared by every token (there, O's rms was 0.48-0.95 of V's), so every P v term has the same sign, and
   cuDNN's FP8 kernel loses that sum's precision as the sequence grows: on the model's own Q, K, V its output was
   11-18% off float32 attention at 9800 tokens and 23-39% at 24776, against 0.15-0.66% with V centered
   (benchmarks/attention_fp8.py section h, benchmarks/RESULTS.md). |v - mean| <= 2 amax(V), so V's scale comes
