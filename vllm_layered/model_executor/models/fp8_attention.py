@@ -4,8 +4,7 @@ In each JointAttention the QK-norm + RoPE kernel writes Q and K as e4m3 with sta
 the norm weights once, by `set_attention_dtype`), V is projected as before, centered on its per-sequence mean and
 quantized per sequence, attention runs on cuDNN's FP8 kernel (kernels/cudnn_fp8_attention.py; on other devices the
 PyTorch reference of the same math), and one pass adds the mean back to its e4m3 output and quantizes the rows for
-both FP8 output projections. The scales and why they
-cannot overflow: kernels/fp8_attention.py.
+both FP8 output projections. The scales and why they cannot overflow: kernels/fp8_attention.py.
 
 Why only with FP8 GEMMs: on Hopper cuDNN writes FP8 attention's output only as e4m3, which an FP8 projection reads
 as it is; a bf16 projection would need a dequantize pass over it, giving part of the gain back. The reverse, FP8
@@ -132,8 +131,8 @@ def fp8_joint_attention(
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=exchange.group)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=exchange.group)
     mean = sequence_mean(sums, meta.cu_seqlens)
-    triton = use_triton(v)
-    quantized = (quantize_v if triton else quantize_v_ref)(rows, amax, meta.cu_seqlens, row_offset, mean)
+    kernels = use_triton(v)  # Triton kernels, or their PyTorch references where Triton cannot run
+    quantized = (quantize_v if kernels else quantize_v_ref)(rows, amax, meta.cu_seqlens, row_offset, mean)
     v8 = quantized.data.view(v.shape)
     if exchange is not None:
         q, k, v8 = (_as_bytes(exchange.scatter_heads, t) for t in (q, k, v8))
@@ -141,7 +140,7 @@ def fp8_joint_attention(
     out = (cudnn_fp8_attention if q.is_cuda else fp8_attention_ref)(q, k, v8, scales, meta.seq_bounds)
     if exchange is not None:
         out = _as_bytes(exchange.gather_heads, out)
-    restored = (restore_mean if triton else restore_mean_ref)(
+    restored = (restore_mean if kernels else restore_mean_ref)(
         out.view(meta.total_tokens, -1), quantized.o_row_scale, mean, meta.cu_seqlens, row_offset)
     return Fp8Rows(*restored, v.dtype)
 
