@@ -14,6 +14,7 @@ from vllm_layered.kernels.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS, quantize_row
 from vllm_layered.kernels.fp8_attention import (
     O_HEADROOM,
     QK_BOUND_MARGIN,
+    STATS_ROWS_PER_SPLIT,
     V_CENTERED_BOUND,
     Fp8AttentionScales,
     fp8_attention_ref,
@@ -24,6 +25,8 @@ from vllm_layered.kernels.fp8_attention import (
     restore_mean_ref,
     sequence_amax,
     sequence_mean,
+    sequence_stats,
+    sequence_stats_ref,
     sequence_sum,
     v_amax,
 )
@@ -253,6 +256,59 @@ def test_sequence_sum_and_mean_over_a_ranks_rows():
     mean = sequence_mean(whole, cu)
     torch.testing.assert_close(mean[1], v[10:30].mean(dim=0))
     assert mean[2].eq(0).all() and torch.isfinite(mean).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("lengths, c, row_offset, n_rows", [
+    ([10, 0, 3], 96, 0, None),
+    ([2 * STATS_ROWS_PER_SPLIT + 37, 40], 80, 0, None),  # three splits of one sequence, a padded column block
+    ([700, 20, 600], 64, 650, 400),  # a rank's slice: 50 rows of the first, the second whole, 330 of the third
+])
+def test_sequence_stats_matches_reference(lengths, c, row_offset, n_rows, device):
+    """One pass for amax and the mean: amax exactly the reference's, the mean up to float32 summation order
+    (relative to the mean of |v|), zeros for a sequence with no rows here."""
+    full, bounds, cu = packed_v(lengths, c, torch.float32, device)
+    v = full[row_offset:][:n_rows]
+    amax, mean = sequence_stats(v, bounds, cu, row_offset)
+    amax_ref, mean_ref = sequence_stats_ref(v, bounds, cu, row_offset)
+    assert amax.shape == amax_ref.shape and torch.equal(amax, amax_ref)
+    abs_mean = sequence_mean(sequence_sum(v.abs(), bounds, row_offset), cu)
+    assert mean.shape == mean_ref.shape and (mean - mean_ref).abs().le(abs_mean * 1e-6).all()
+    empty = [b for b, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])) if min(e, row_offset + v.shape[0]) <=
+             max(s, row_offset)]
+    for b in empty:
+        assert amax[b] == 0 and mean[b].eq(0).all()
+
+
+@needs_triton
+def test_sequence_stats_rejects_bad_inputs():
+    v, bounds, cu = packed_v([3, 4], 16, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"\[N, C\]"):
+        sequence_stats(v[0], bounds, cu)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        sequence_stats(v, bounds, cu[:2])
+
+
+@needs_triton
+def test_sequence_stats_of_ranks_add_up_to_the_whole(device):
+    """Sequence parallel: each rank's mean is its rows' sum over the whole length, so the ranks' values add up (and
+    their amax maximise) to the whole buffer's."""
+    full, bounds, cu = packed_v([700, 20, 600], 64, torch.float32, device)
+    amax, mean = sequence_stats(full, bounds, cu)
+    parts = [sequence_stats(full[a:b], bounds, cu, a) for a, b in ((0, 400), (400, 900), (900, 1320))]
+    torch.testing.assert_close(torch.stack([p[0] for p in parts]).amax(dim=0), amax, rtol=0, atol=0)
+    torch.testing.assert_close(sum(p[1] for p in parts), mean, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_sequence_stats_of_a_sequence_do_not_depend_on_its_neighbours(device):
+    """The serving engine packs requests that the offline pipeline runs alone: a sequence's statistics must be bit
+    for bit the same either way (fixed splits relative to its first row, added in order)."""
+    full, bounds, cu = packed_v([300, 2 * STATS_ROWS_PER_SPLIT + 5], 96, torch.bfloat16, device)
+    alone = full[300:]
+    amax, mean = sequence_stats(full, bounds, cu)
+    amax_alone, mean_alone = sequence_stats(alone, [0, alone.shape[0]], cu[1:] - 300)
+    assert torch.equal(amax[1:], amax_alone) and torch.equal(mean[1:], mean_alone)
 
 
 @needs_triton

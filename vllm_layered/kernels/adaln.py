@@ -1,7 +1,8 @@
 """AdaLN for packed batches: LayerNorm (no affine) + per-sequence modulation, and the gated residual.
 
 With an FP8 transformer the modulation also quantizes its output for the FP8 linears that read it
-(`layernorm_modulate_fp8`), so that output never goes through memory in bf16.
+(`layernorm_modulate_fp8`), so that output never goes through memory in bf16. `gated_residual_modulate` adds a
+gated residual and modulates the result in one pass.
 
 Rows of one stream ([N, C]) belong to different sequences (requests x CFG branch, at different
 timesteps); `seg[i]` picks row i's shift/scale/gate out of [S, C] tables. One program per row.
@@ -14,20 +15,30 @@ materialises is rounded to the activation dtype at the same place.
 import torch
 import torch.nn.functional as F
 
-from vllm_layered.kernels.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS, quantize_row_values, quantize_rows_ref
+from vllm_layered.kernels.fp8 import (
+    FP8_DTYPE,
+    FP8_MAX,
+    SCALE_EPS,
+    quantize_rows_ref,
+    store_quantized_row,
+)
 from vllm_layered.kernels.triton_utils import (
     check_one_device,
+    chunks_sum,
     last_dim_contiguous,
+    load_row_chunks,
     require_triton,
+    row_chunks,
     row_output,
     row_settings,
+    store_row_chunks,
     tl,
     triton,
 )
 
 __all__ = [
-    "gated_residual", "gated_residual_ref", "layernorm_modulate", "layernorm_modulate_fp8",
-    "layernorm_modulate_fp8_ref", "layernorm_modulate_ref",
+    "gated_residual", "gated_residual_modulate", "gated_residual_modulate_ref", "gated_residual_ref",
+    "layernorm_modulate", "layernorm_modulate_fp8", "layernorm_modulate_fp8_ref", "layernorm_modulate_ref",
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -36,34 +47,49 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 
 @triton.jit
 def _layernorm_modulate_kernel(
-    X, SHIFT, SCALE, SEG, OUT, OUT_SCALE,  #
-    stride_xn, stride_shift, stride_scale, stride_on,  #
+    X, SHIFT, SCALE, SEG, OUT, OUT_SCALE, RES, GATE,  #
+    stride_xn, stride_shift, stride_scale, stride_on, stride_rn, stride_gate,  #
     n_cols, eps, fp8_eps,  #
-    BLOCK_C: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr,
+    CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
     # x, out: [N, C]; shift, scale: [S, C]; seg: [N]. y = LN(x) * (1 + scale[seg]) + shift[seg]
     # FP8: out is e4m3 and out_scale [N] float32, y rounded to x's dtype and quantized per row (fp8.py's rule)
+    # RESIDUAL: first x += gate[seg] * res (res [N, C], gate [S, C]), written back to x, as _gated_residual_kernel
+    # One program per row, held as N_CHUNKS chunks (triton_utils.row_chunks).
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_C)
-    mask = cols < n_cols
-    dtype = X.dtype.element_ty
-
-    x = tl.load(X + row * stride_xn + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / n_cols
-    centered = tl.where(mask, x - mean, 0.0)
-    rstd = tl.rsqrt(tl.sum(centered * centered, axis=0) / n_cols + eps)
-    normed = (centered * rstd).to(dtype).to(tl.float32)
-
     seg = tl.load(SEG + row).to(tl.int64)
-    scale = tl.load(SCALE + seg * stride_scale + cols, mask=mask, other=0.0).to(tl.float32)
-    shift = tl.load(SHIFT + seg * stride_shift + cols, mask=mask, other=0.0).to(tl.float32)
-    y = (normed * (1.0 + scale).to(dtype).to(tl.float32)).to(dtype).to(tl.float32) + shift
+    dtype = X.dtype.element_ty
+    cols = tl.arange(0, CHUNK)
+
+    xs = load_row_chunks(X + row * stride_xn, n_cols, CHUNK, N_CHUNKS)
+    if RESIDUAL:
+        res = load_row_chunks(RES + row * stride_rn, n_cols, CHUNK, N_CHUNKS)
+        gates = load_row_chunks(GATE + seg * stride_gate, n_cols, CHUNK, N_CHUNKS)
+        updated = ()
+        for i in tl.static_range(N_CHUNKS):
+            updated = updated + ((xs[i] + (gates[i] * res[i]).to(dtype).to(tl.float32)).to(dtype).to(tl.float32),)
+        xs = updated
+        store_row_chunks(X + row * stride_xn, xs, n_cols, CHUNK, N_CHUNKS)
+    mean = chunks_sum(xs, N_CHUNKS) / n_cols
+    centered = ()
+    squares = ()
+    for i in tl.static_range(N_CHUNKS):
+        c = tl.where(i * CHUNK + cols < n_cols, xs[i] - mean, 0.0)
+        centered = centered + (c,)
+        squares = squares + (c * c,)
+    rstd = tl.rsqrt(chunks_sum(squares, N_CHUNKS) / n_cols + eps)
+    scales = load_row_chunks(SCALE + seg * stride_scale, n_cols, CHUNK, N_CHUNKS)
+    shifts = load_row_chunks(SHIFT + seg * stride_shift, n_cols, CHUNK, N_CHUNKS)
+    ys = ()
+    for i in tl.static_range(N_CHUNKS):
+        normed = (centered[i] * rstd).to(dtype).to(tl.float32)
+        y = (normed * (1.0 + scales[i]).to(dtype).to(tl.float32)).to(dtype).to(tl.float32) + shifts[i]
+        ys = ys + (y.to(dtype).to(tl.float32),)
     if FP8:
-        q, q_scale = quantize_row_values(y.to(dtype).to(tl.float32), fp8_eps, FP8_MAX)
-        tl.store(OUT + row * stride_on + cols, q.to(OUT.dtype.element_ty), mask=mask)
-        tl.store(OUT_SCALE + row, q_scale)
+        tl.store(OUT_SCALE + row, store_quantized_row(OUT + row * stride_on, ys, n_cols, fp8_eps, FP8_MAX, CHUNK,
+                                                      N_CHUNKS))
     else:
-        tl.store(OUT + row * stride_on + cols, y.to(dtype), mask=mask)
+        store_row_chunks(OUT + row * stride_on, ys, n_cols, CHUNK, N_CHUNKS)
 
 
 @triton.jit
@@ -142,17 +168,21 @@ def layernorm_modulate(
     return out
 
 
-def _launch_layernorm_modulate(x, shift, scale, seg, eps, out, out_scale) -> None:
-    """One program per row over contiguous-in-C x, shift, scale, out; FP8 output when out_scale is given."""
+def _launch_layernorm_modulate(x, shift, scale, seg, eps, out, out_scale, res=None, gate=None) -> None:
+    """One program per row over contiguous-in-C x, shift, scale, out (and res, gate); FP8 output when out_scale is
+    given; the gated residual x += gate[seg] * res first when res is."""
     n, c = x.shape
     if n == 0:
         return
-    block_c, num_warps = row_settings(c)
+    chunk, n_chunks, num_warps = row_chunks(c)
+    residual = res is not None
+    res, gate = (res, gate) if residual else (x, shift)  # placeholders, never read
     _layernorm_modulate_kernel[(n,)](
-        x, shift, scale, seg, out, out if out_scale is None else out_scale,  #
-        x.stride(0), shift.stride(0), scale.stride(0), out.stride(0),  #
+        x, shift, scale, seg, out, out if out_scale is None else out_scale, res, gate,  #
+        x.stride(0), shift.stride(0), scale.stride(0), out.stride(0), res.stride(0), gate.stride(0),  #
         c, eps, SCALE_EPS,  #
-        BLOCK_C=block_c, FP8=out_scale is not None, FP8_MAX=FP8_MAX, num_warps=num_warps,
+        CHUNK=chunk, N_CHUNKS=n_chunks, FP8=out_scale is not None, FP8_MAX=FP8_MAX, RESIDUAL=residual,
+        num_warps=num_warps,
     )
 
 
@@ -202,6 +232,52 @@ def layernorm_modulate_fp8_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch version of `layernorm_modulate_fp8`: the eager modulation, then the row quantization."""
     return quantize_rows_ref(layernorm_modulate_ref(x, shift, scale, seg, eps=eps))
+
+
+def gated_residual_modulate(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    seg: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    fp8: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`gated_residual` (x += gate[seg] * y, in place) and then `layernorm_modulate` of the new x (with ``fp8``:
+    `layernorm_modulate_fp8`) in one pass, so the residual stream is read once: a block's attention residual and the
+    norm in front of its MLP. Returns what the modulation returns; x (contiguous over C) holds the new residual."""
+    require_triton("gated_residual_modulate")
+    _check_inputs(x, {"shift": shift, "scale": scale, "gate": gate}, seg, {"y": y})
+    if x.stride(-1) != 1:
+        raise ValueError("x must be contiguous over C (it is updated in place)")
+    y, gate, shift, scale = (last_dim_contiguous(t) for t in (y, gate, shift, scale))
+    seg = seg.contiguous()
+    if fp8:
+        out = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+        out_scale = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        _launch_layernorm_modulate(x, shift, scale, seg, eps, out, out_scale, y, gate)
+        return out, out_scale
+    out = torch.empty_like(x)
+    _launch_layernorm_modulate(x, shift, scale, seg, eps, out, None, y, gate)
+    return out
+
+
+def gated_residual_modulate_ref(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    seg: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    fp8: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Eager version of `gated_residual_modulate`: `gated_residual_ref`, then the modulation's reference."""
+    gated_residual_ref(x, y, gate, seg)
+    return (layernorm_modulate_fp8_ref if fp8 else layernorm_modulate_ref)(x, shift, scale, seg, eps=eps)
 
 
 def gated_residual(

@@ -2,8 +2,8 @@
 
 Activations are quantized per row (per token) at run time, weights per output channel once at load time, both
 with the same rule:
-    scale[m] = max(amax(|x[m, :]|), eps) / 448          float32
-    q[m, :]  = e4m3(clamp(x[m, :] / scale[m], -448, 448))   round to nearest even
+    scale[m] = max(amax(|x[m, :]|), eps) / 448                  float32
+    q[m, :]  = e4m3(clamp(x[m, :] * (1 / scale[m]), -448, 448))   round to nearest even
 so dequantized values are q * scale and the largest |x| of a row lands on the largest e4m3 value.
 
 `quantize_rows` is one Triton pass per row (load, amax, scale, cast, store); with ``gelu=True`` it first applies
@@ -18,16 +18,22 @@ import torch.nn.functional as F
 
 from vllm_layered.kernels.triton_utils import (
     check_one_device,
+    chunks_max_abs,
+    fast_exp2,
+    fast_reciprocal,
+    interpreting,
     last_dim_contiguous,
+    load_row_chunks,
     require_triton,
-    row_settings,
+    row_chunks,
+    store_row_chunks,
     tl,
     triton,
 )
 
 __all__ = [
-    "FP8_DTYPE", "FP8_MAX", "SCALE_EPS", "fp8_gemm", "fp8_gemm_ref", "quantize_row_values", "quantize_rows",
-    "quantize_rows_ref", "quantize_with_scale_ref",
+    "FP8_DTYPE", "FP8_MAX", "SCALE_EPS", "fp8_gemm", "fp8_gemm_ref", "quantize_rows", "quantize_rows_ref",
+    "quantize_with_scale_ref", "store_quantized_row",
 ]
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -41,12 +47,26 @@ FAST_ACCUM_MIN_ROWS = 128
 
 
 @triton.jit
-def quantize_row_values(x, eps, FP8_MAX: tl.constexpr):
-    """The quantization rule on one row held in registers (float32, masked lanes 0): (values clamped to the e4m3
-    range, still float32 for the caller's cast and store; the row's scale). Shared with kernels that quantize
-    their own output (adaln.layernorm_modulate_fp8)."""
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0), eps) / FP8_MAX
-    return tl.clamp(x / scale, -FP8_MAX, FP8_MAX), scale
+def store_quantized_row(Q, xs, n_cols, eps, FP8_MAX: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr):
+    """Quantizes one row held as float32 chunks (triton_utils.load_row_chunks) by the module docstring's rule,
+    stores its e4m3 codes at ``Q`` and returns its scale. The divisions are IEEE, as in the reference. No clamp is
+    needed: |x| * (1 / scale) <= 448 (1 + 2^-23)^3, which rounds to 448. Shared with the kernels that quantize their
+    own output (adaln, fp8_attention.restore_mean)."""
+    scale = tl.math.div_rn(tl.maximum(chunks_max_abs(xs, N_CHUNKS), eps), FP8_MAX)
+    inv_scale = tl.math.div_rn(1.0, scale)
+    qs = ()
+    for i in tl.static_range(N_CHUNKS):
+        qs = qs + (xs[i] * inv_scale,)
+    store_row_chunks(Q, qs, n_cols, CHUNK, N_CHUNKS)
+    return scale
+
+
+@triton.jit
+def _gelu_tanh(x, FAST: tl.constexpr):
+    # 0.5 x (1 + tanh(u)) == x / (1 + exp(-2u)), u = sqrt(2 / pi) (x + 0.044715 x^3), written as
+    # x / (1 + 2^(x (c1 + c2 x^2))) with c1 = -2 sqrt(2 / pi) log2(e), c2 = 0.044715 c1 folded: 6 instructions per
+    # element with FAST, 2 of them MUFU
+    return x * fast_reciprocal(1.0 + fast_exp2(x * (-2.302208198144325 + -0.1029432395800235 * (x * x)), FAST), FAST)
 
 
 @triton.jit
@@ -54,22 +74,17 @@ def _quantize_rows_kernel(
     X, Q, SCALE,  #
     stride_xm, stride_qm,  #
     n_cols, eps,  #
-    FP8_MAX: tl.constexpr, GELU: tl.constexpr, BLOCK_K: tl.constexpr,
+    FP8_MAX: tl.constexpr, GELU: tl.constexpr, FAST: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr,
 ):
-    # x: [M, K] (stride 1 over K); q: [M, K] e4m3; scale: [M] fp32. One program per row.
+    # x: [M, K] (stride 1 over K); q: [M, K] e4m3; scale: [M] fp32. One program per row, held as N_CHUNKS chunks.
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_K)
-    mask = cols < n_cols
-    x = tl.load(X + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
-    if GELU:
-        # 0.5 x (1 + tanh(u)) == x * sigmoid(2u); rounded to x's dtype like the stored activation (gelu(0) = 0
-        # keeps the masked lanes out of the amax)
-        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi) (x + 0.044715 x^3)
-        x = x / (1.0 + tl.exp(-2.0 * u))
-        x = x.to(X.dtype.element_ty).to(tl.float32)
-    q, scale = quantize_row_values(x, eps, FP8_MAX)
-    tl.store(Q + row * stride_qm + cols, q.to(Q.dtype.element_ty), mask=mask)
-    tl.store(SCALE + row, scale)
+    xs = load_row_chunks(X + row * stride_xm, n_cols, CHUNK, N_CHUNKS)
+    if GELU:  # rounded to x's dtype like the stored activation (gelu(0) = 0 keeps masked lanes out of the amax)
+        activated = ()
+        for i in tl.static_range(N_CHUNKS):
+            activated = activated + (_gelu_tanh(xs[i], FAST).to(X.dtype.element_ty).to(tl.float32),)
+        xs = activated
+    tl.store(SCALE + row, store_quantized_row(Q + row * stride_qm, xs, n_cols, eps, FP8_MAX, CHUNK, N_CHUNKS))
 
 
 def _check_rows(x: torch.Tensor) -> None:
@@ -94,12 +109,12 @@ def quantize_rows(
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
         return q, scale
-    block_k, num_warps = row_settings(k)
+    chunk, n_chunks, num_warps = row_chunks(k)
     _quantize_rows_kernel[(m,)](
         x, q, scale,  #
         x.stride(0), q.stride(0),  #
         k, eps,  #
-        FP8_MAX=FP8_MAX, GELU=gelu, BLOCK_K=block_k, num_warps=num_warps,
+        FP8_MAX=FP8_MAX, GELU=gelu, FAST=not interpreting(), CHUNK=chunk, N_CHUNKS=n_chunks, num_warps=num_warps,
     )
     return q, scale
 
@@ -112,8 +127,11 @@ def quantize_rows_ref(
     if gelu:
         x = F.gelu(x, approximate="tanh")
     x = x.float()
-    scale = x.abs().amax(dim=1).clamp(min=eps) / FP8_MAX
-    q = (x / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    amax = x.abs().amax(dim=1).clamp(min=eps)
+    # tensor / tensor: IEEE division on every device (CUDA torch multiplies by the reciprocal of a Python scalar,
+    # which moves a scale by an ulp now and then, and with it e4m3 ties of x * (1 / scale))
+    scale = amax / torch.full_like(amax, FP8_MAX)
+    q = (x * (torch.ones_like(scale) / scale)[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
 

@@ -9,9 +9,10 @@ scale comes from, and why none of them needs a pass over the data except V's:
   sqrt(D) * max|w|, and RoPE rotates pairs without changing their norm, so that bound holds after RoPE too: the
   scale maps it to 448 and nothing can overflow. The QK-norm + RoPE kernel writes e4m3 directly
   (qk_norm_rope's ``out_scale``); no amax pass, no bf16 copy of Q and K.
-- V: dynamic, per sequence, from amax(V) over the sequence's rows (`sequence_amax`: one reduction pass over V;
-  `quantize_v` then writes e4m3 V). Per sequence rather than per packed batch so that a sequence's result does not
-  depend on what it is packed with (the serving engine packs requests that the offline pipeline runs alone).
+- V: dynamic, per sequence, from amax(V) over the sequence's rows (`sequence_stats`: one pass over V for amax and
+  the mean below; `quantize_v` then writes e4m3 V). Per sequence rather than per packed batch so that a sequence's
+  result does not depend on what it is packed with (the serving engine packs requests that the offline pipeline
+  runs alone).
 - V centered (what the model runs): the per-sequence mean over V's rows is subtracted before quantization and
   added back to O afterwards (`restore_mean`, which quantizes O's rows for the output projections). The softmax
   weights of a row sum to 1, so attention(V - mean) + mean = attention(V) exactly. Why: in the model V has a large
@@ -45,21 +46,30 @@ import torch
 import torch.nn.functional as F
 
 from vllm_layered.kernels.attention import check_seq_bounds, softmax_scale
-from vllm_layered.kernels.fp8 import FP8_DTYPE, FP8_MAX, SCALE_EPS, quantize_row_values, quantize_rows_ref
+from vllm_layered.kernels.fp8 import (
+    FP8_DTYPE,
+    FP8_MAX,
+    SCALE_EPS,
+    quantize_rows_ref,
+    store_quantized_row,
+)
 from vllm_layered.kernels.triton_utils import (
     check_one_device,
     last_dim_contiguous,
+    load_row_chunks,
     next_power_of_2,
     require_triton,
+    row_chunks,
     row_settings,
     tl,
     triton,
 )
 
 __all__ = [
-    "O_HEADROOM", "QK_BOUND_MARGIN", "V_CENTERED_BOUND", "Fp8AttentionScales", "QuantizedV",
+    "O_HEADROOM", "QK_BOUND_MARGIN", "STATS_ROWS_PER_SPLIT", "V_CENTERED_BOUND", "Fp8AttentionScales", "QuantizedV",
     "check_attention_inputs", "fp8_attention_ref", "qk_scale", "quantize_v", "quantize_v_ref", "restore_mean",
-    "restore_mean_ref", "sequence_amax", "sequence_mean", "sequence_sum", "v_amax",
+    "restore_mean_ref", "sequence_amax", "sequence_mean", "sequence_stats", "sequence_stats_ref", "sequence_sum",
+    "v_amax",
 ]
 
 QK_BOUND_MARGIN = 1 + 2**-6  # the bf16 roundings of the norm (<= 2^-8 relative together) and the fp32 rotation
@@ -135,9 +145,130 @@ def sequence_amax(v: torch.Tensor, bounds: Sequence[int], row_offset: int = 0) -
 
 def sequence_sum(v: torch.Tensor, bounds: Sequence[int], row_offset: int = 0) -> torch.Tensor:
     """Each sequence's sum over its rows (of those v holds, as `sequence_amax`), [B, C] float32, summed in float32
-    without a float32 copy of v. A sequence-parallel group all-reduces these before `sequence_mean`."""
+    without a float32 copy of v."""
     edges = _local_edges(v.shape[0], bounds, row_offset)
     return torch.stack([torch.sum(v[a:b], dim=0, dtype=torch.float32) for a, b in zip(edges[:-1], edges[1:])])
+
+
+STATS_ROWS_PER_SPLIT = 512  # rows of one sequence that one program of `sequence_stats` reduces
+
+
+@triton.jit
+def _local_sequence(CU_SEQLENS, seq, row_offset, n_rows):
+    """Rows [start, end) of sequence ``seq`` within the n_rows a buffer holds from joint row row_offset on."""
+    start = tl.minimum(tl.maximum(tl.load(CU_SEQLENS + seq).to(tl.int64) - row_offset, 0), n_rows)
+    end = tl.minimum(tl.maximum(tl.load(CU_SEQLENS + seq + 1).to(tl.int64) - row_offset, 0), n_rows)
+    return start, end
+
+
+@triton.jit
+def _sequence_stats_partial_kernel(
+    X, CU_SEQLENS, PART_SUM, PART_MAX,  #
+    stride_xm, n_rows, n_cols, row_offset, n_splits,  #
+    ROWS_PER_SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # x: [N, C]; part_sum: [B, n_splits, C] float32; part_max: [B, n_splits, n_col_blocks] float32. Program
+    # (b, split, col block) reduces rows split * ROWS_PER_SPLIT.. of sequence b over BLOCK_C columns: the split
+    # points are relative to the sequence's first row, so a sequence's partials do not depend on its neighbours.
+    # Splits past a shorter sequence's end write zeros that the reduction does not read.
+    seq = tl.program_id(0)
+    split = tl.program_id(1)
+    col_block = tl.program_id(2)
+    start, end = _local_sequence(CU_SEQLENS, seq, row_offset, n_rows)
+    first = start + split * ROWS_PER_SPLIT
+    last = tl.minimum(first + ROWS_PER_SPLIT, end)
+    cols = col_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < n_cols
+    total = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    amax = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for r in range(first, last, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R)
+        mask = (rows < last)[:, None] & col_mask[None, :]
+        x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        total += x
+        amax = tl.maximum(amax, tl.abs(x))
+    part = seq * n_splits + split
+    tl.store(PART_SUM + part * n_cols + cols, tl.sum(total, axis=0), mask=col_mask)
+    tl.store(PART_MAX + part * tl.num_programs(2) + col_block, tl.max(tl.max(amax, axis=1), axis=0))
+
+
+@triton.jit
+def _sequence_stats_reduce_kernel(
+    PART_SUM, PART_MAX, CU_SEQLENS, MEAN, AMAX,  #
+    n_rows, n_cols, row_offset, n_splits, n_col_blocks,  #
+    ROWS_PER_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    # One program per sequence: its splits' partials added in split order (deterministic), 0 for no rows; the sum
+    # divided by the whole sequence's length (of the joint buffer, not of the rows held here).
+    seq = tl.program_id(0)
+    start, end = _local_sequence(CU_SEQLENS, seq, row_offset, n_rows)
+    length = tl.maximum(tl.load(CU_SEQLENS + seq + 1) - tl.load(CU_SEQLENS + seq), 1).to(tl.float32)
+    used = tl.cdiv(end - start, ROWS_PER_SPLIT)
+    blocks = tl.arange(0, BLOCK_B)
+    amax = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for split in range(0, used):
+        part = (seq * n_splits + split).to(tl.int64)
+        amax = tl.maximum(amax, tl.load(PART_MAX + part * n_col_blocks + blocks, mask=blocks < n_col_blocks,
+                                        other=0.0))
+    tl.store(AMAX + seq, tl.max(amax, axis=0))
+    for c in range(0, n_cols, BLOCK_C):
+        cols = c + tl.arange(0, BLOCK_C)
+        total = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for split in range(0, used):
+            part = (seq * n_splits + split).to(tl.int64)
+            total += tl.load(PART_SUM + part * n_cols + cols, mask=cols < n_cols, other=0.0)
+        tl.store(MEAN + seq * n_cols + cols, total / length, mask=cols < n_cols)
+
+
+def sequence_stats(
+    v: torch.Tensor, bounds: Sequence[int], cu_seqlens: torch.Tensor, row_offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_amax` and the mean over each sequence's rows, in one pass over v: (amax [B], mean [B, C]) float32.
+    v [N, C] holds rows row_offset.. of the joint buffer whose sequence bounds are ``bounds`` (host) and
+    ``cu_seqlens`` (the same on v's device). The mean divides the sum of the rows held here by the whole sequence's
+    length, so a sequence-parallel group gets the mean by all-reducing these with SUM (and amax with MAX); 0 for an
+    empty sequence. Each sequence's rows are reduced in fixed splits of `STATS_ROWS_PER_SPLIT` and the splits added
+    in order, so the result is deterministic and does not depend on the other sequences packed beside it."""
+    require_triton("sequence_stats")
+    if v.dim() != 2 or v.shape[1] == 0:
+        raise ValueError(f"v must be [N, C] with C > 0, got shape {tuple(v.shape)}")
+    num_seqs = len(bounds) - 1
+    if num_seqs < 1 or cu_seqlens.shape != (num_seqs + 1,):
+        raise ValueError(f"cu_seqlens must be [B + 1] = [{num_seqs + 1}] like bounds, got {tuple(cu_seqlens.shape)}")
+    check_one_device("v", v, cu_seqlens)
+    v = last_dim_contiguous(v)
+    n, c = v.shape
+    edges = _local_edges(n, bounds, row_offset)
+    longest = max(b - a for a, b in zip(edges[:-1], edges[1:]))
+    n_splits = max(triton.cdiv(longest, STATS_ROWS_PER_SPLIT), 1)
+    block_c = min(256, next_power_of_2(c))
+    n_col_blocks = triton.cdiv(c, block_c)
+    part_sum = torch.empty((num_seqs, n_splits, c), dtype=torch.float32, device=v.device)
+    part_max = torch.empty((num_seqs, n_splits, n_col_blocks), dtype=torch.float32, device=v.device)
+    mean = torch.empty((num_seqs, c), dtype=torch.float32, device=v.device)
+    amax = torch.empty(num_seqs, dtype=torch.float32, device=v.device)
+    cu_seqlens = cu_seqlens.contiguous()
+    if longest > 0:
+        _sequence_stats_partial_kernel[(num_seqs, n_splits, n_col_blocks)](
+            v, cu_seqlens, part_sum, part_max,  #
+            v.stride(0), n, c, row_offset, n_splits,  #
+            ROWS_PER_SPLIT=STATS_ROWS_PER_SPLIT, BLOCK_R=16, BLOCK_C=block_c, num_warps=4,
+        )
+    _sequence_stats_reduce_kernel[(num_seqs,)](
+        part_sum, part_max, cu_seqlens, mean, amax,  #
+        n, c, row_offset, n_splits, n_col_blocks,  #
+        ROWS_PER_SPLIT=STATS_ROWS_PER_SPLIT, BLOCK_C=1024, BLOCK_B=max(next_power_of_2(n_col_blocks), 2),
+        num_warps=4,
+    )
+    return amax, mean
+
+
+def sequence_stats_ref(
+    v: torch.Tensor, bounds: Sequence[int], cu_seqlens: torch.Tensor, row_offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch version of `sequence_stats` (same arguments): `sequence_amax`, and `sequence_mean` of `sequence_sum`."""
+    check_one_device("v", v, cu_seqlens)
+    return sequence_amax(v, bounds, row_offset), sequence_mean(sequence_sum(v, bounds, row_offset), cu_seqlens)
 
 
 def sequence_mean(sums: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -220,7 +351,7 @@ def quantize_v(
     """e4m3 V for FP8 attention, one scale per sequence (see the module docstring): v [N, C] holds joint rows
     row_offset.. of the buffer whose sequence bounds are ``cu_seqlens`` (on v's device: no host sync); a row of
     sequence b becomes clamp(v * 448 / seq_amax[b]). ``seq_amax``: `sequence_amax` (v, ...), or a sequence-parallel
-    group's all-reduced value. With ``mean`` ([B, C] float32, `sequence_mean`) the row is centered first,
+    group's all-reduced value. With ``mean`` ([B, C] float32, `sequence_stats`) the row is centered first,
     clamp((v - mean[b]) * 448 / (V_CENTERED_BOUND * seq_amax[b])). The sequences' row bounds are not checked on the
     device. Strided rows are read in place."""
     require_triton("quantize_v")
@@ -275,18 +406,19 @@ def _restore_mean_kernel(
     O8, ROW_SCALE, MEAN, CU_SEQLENS, Q, SCALE,  #
     stride_om, stride_mean, stride_qm,  #
     n_cols, row_offset, num_seqs, eps,  #
-    FP8_MAX: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+    FP8_MAX: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    # o8: [N, C] e4m3, row scales [N]; mean: [B, C] float32; q: [N, C] e4m3; scale: [N]. One program per row.
+    # o8: [N, C] e4m3, row scales [N]; mean: [B, C] float32; q: [N, C] e4m3; scale: [N]. One program per row, held
+    # as N_CHUNKS chunks (triton_utils.row_chunks).
     row = tl.program_id(0).to(tl.int64)
     seq = _row_sequence(CU_SEQLENS, row_offset + row, num_seqs, BLOCK_S)
-    cols = tl.arange(0, BLOCK_K)
-    mask = cols < n_cols
-    o = tl.load(O8 + row * stride_om + cols, mask=mask, other=0.0).to(tl.float32) * tl.load(ROW_SCALE + row)
-    o = o + tl.load(MEAN + seq * stride_mean + cols, mask=mask, other=0.0)
-    q, scale = quantize_row_values(o, eps, FP8_MAX)
-    tl.store(Q + row * stride_qm + cols, q.to(Q.dtype.element_ty), mask=mask)
-    tl.store(SCALE + row, scale)
+    o8 = load_row_chunks(O8 + row * stride_om, n_cols, CHUNK, N_CHUNKS)
+    means = load_row_chunks(MEAN + seq * stride_mean, n_cols, CHUNK, N_CHUNKS)
+    row_scale = tl.load(ROW_SCALE + row)
+    restored = ()
+    for i in tl.static_range(N_CHUNKS):
+        restored = restored + (o8[i] * row_scale + means[i],)
+    tl.store(SCALE + row, store_quantized_row(Q + row * stride_qm, restored, n_cols, eps, FP8_MAX, CHUNK, N_CHUNKS))
 
 
 def _check_restore(o8: torch.Tensor, row_scale: torch.Tensor, mean: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
@@ -316,12 +448,13 @@ def restore_mean(
     if m == 0:
         return q, scale
     num_seqs = mean.shape[0]
-    block_k, num_warps = row_settings(k)
+    chunk, n_chunks, num_warps = row_chunks(k)
     _restore_mean_kernel[(m,)](
         o8, row_scale.contiguous(), mean, cu_seqlens.contiguous(), q, scale,  #
         o8.stride(0), mean.stride(0), q.stride(0),  #
         k, row_offset, num_seqs, SCALE_EPS,  #
-        FP8_MAX=FP8_MAX, BLOCK_K=block_k, BLOCK_S=max(next_power_of_2(num_seqs), 2), num_warps=num_warps,
+        FP8_MAX=FP8_MAX, CHUNK=chunk, N_CHUNKS=n_chunks, BLOCK_S=max(next_power_of_2(num_seqs), 2),
+        num_warps=num_warps,
     )
     return q, scale
 
