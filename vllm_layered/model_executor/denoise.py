@@ -73,7 +73,9 @@ def build_forward_batch(states: list[DenoiseState], dtype: torch.dtype) -> Forwa
             sigmas.append(sigma)
             layouts.append(layout)
     device = images[0].device
-    timesteps = model_timestep(torch.stack(sigmas), dtype).to(device)
+    # non_blocking: the host copy is staged at once; a blocking copy would wait here for the previous step's GPU
+    # work, and the GPU would then idle while this step's first kernels are launched
+    timesteps = model_timestep(torch.stack(sigmas), dtype).to(device, non_blocking=True)
     return ForwardBatch(torch.cat(images), torch.cat(texts), timesteps, layouts)
 
 

@@ -31,9 +31,8 @@ from vllm_layered.kernels.fp8_attention import (
     quantize_v_ref,
     restore_mean,
     restore_mean_ref,
-    sequence_amax,
-    sequence_mean,
-    sequence_sum,
+    sequence_stats,
+    sequence_stats_ref,
 )
 from vllm_layered.kernels.triton_utils import use_triton
 from vllm_layered.model_executor.models.fp8_linear import Fp8Linear, Fp8Rows
@@ -119,19 +118,18 @@ def fp8_joint_attention(
     why V is centered).
 
     Sequence parallel (``meta.ulysses``): a rank holds a range of the joint rows, so the group all-reduces the
-    per-sequence amax(V) and sums of V (every rank then attends over every row with the same scales and means), and
-    the all-to-alls move e4m3 bytes.
+    per-sequence amax(V) and each rank's share of V's mean (every rank then attends over every row with the same
+    scales and means), and the all-to-alls move e4m3 bytes.
     """
     exchange = meta.ulysses
     row_offset = 0 if exchange is None else exchange.row_range[0]
     rows = v.view(meta.total_tokens, -1)
-    amax = sequence_amax(rows, meta.seq_bounds, row_offset)
-    sums = sequence_sum(rows, meta.seq_bounds, row_offset)
-    if exchange is not None:
-        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=exchange.group)
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=exchange.group)
-    mean = sequence_mean(sums, meta.cu_seqlens)
     kernels = use_triton(v)  # Triton kernels, or their PyTorch references where Triton cannot run
+    amax, mean = (sequence_stats if kernels else sequence_stats_ref)(rows, meta.seq_bounds, meta.cu_seqlens,
+                                                                      row_offset)
+    if exchange is not None:  # each rank's mean is its rows' sum over the whole length: the group adds them up
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=exchange.group)
+        dist.all_reduce(mean, op=dist.ReduceOp.SUM, group=exchange.group)
     quantized = (quantize_v if kernels else quantize_v_ref)(rows, amax, meta.cu_seqlens, row_offset, mean)
     v8 = quantized.data.view(v.shape)
     if exchange is not None:

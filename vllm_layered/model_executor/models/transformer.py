@@ -225,10 +225,22 @@ def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, seg: torch.T
     return fn(x, y, gate, seg)
 
 
+def gated_add_modulate(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+    seg: torch.Tensor, *, fp8: bool = False,
+) -> torch.Tensor | Fp8Rows:
+    """`gated_add` (into x), then `modulate` of the result, in one pass over x."""
+    fn = adaln.gated_residual_modulate if use_triton(x) else adaln.gated_residual_modulate_ref
+    out = fn(x, y, gate, shift, scale, seg, fp8=fp8)
+    return Fp8Rows(*out, x.dtype) if fp8 else out
+
+
 class DualStreamBlock(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         dim = config.inner_dim
+        # SiLU then Linear, named img_mod.1 as in the checkpoint; the SiLU of the timestep embedding is the same for
+        # every block, so LayeredTransformer.run computes it once and the blocks call img_mod[1] on it
         self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.attn = JointAttention(config)
@@ -236,20 +248,21 @@ class DualStreamBlock(nn.Module):
         self.txt_mlp = FeedForward(dim, 4 * dim)
 
     def forward(
-        self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, meta: PackedMetadata
+        self, img: torch.Tensor, txt: torch.Tensor, temb_silu: torch.Tensor, meta: PackedMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # [S, 6C] -> shift1, scale1, gate1, shift2, scale2, gate2, each [S, C]
-        im = self.img_mod(temb).chunk(6, dim=-1)
-        tm = self.txt_mod(temb).chunk(6, dim=-1)
+        # temb_silu: SiLU(temb) [S, C]. [S, 6C] -> shift1, scale1, gate1, shift2, scale2, gate2, each [S, C]
+        im = self.img_mod[1](temb_silu).chunk(6, dim=-1)
+        tm = self.txt_mod[1](temb_silu).chunk(6, dim=-1)
         si, st = meta.img_seg, meta.txt_seg
         fp8 = isinstance(self.attn.to_q, Fp8Linear)  # quantize_fp8 converts all of a block's projections or none
         img_attn, txt_attn = self.attn(
             modulate(img, im[0], im[1], si, fp8=fp8), modulate(txt, tm[0], tm[1], st, fp8=fp8), meta
         )
-        img = gated_add(img, img_attn, im[2], si)
-        txt = gated_add(txt, txt_attn, tm[2], st)
-        img = gated_add(img, self.img_mlp(modulate(img, im[3], im[4], si, fp8=fp8)), im[5], si)
-        txt = gated_add(txt, self.txt_mlp(modulate(txt, tm[3], tm[4], st, fp8=fp8)), tm[5], st)
+        # the attention residual and the MLP's norm in one pass over each stream
+        img_mlp_in = gated_add_modulate(img, img_attn, im[2], im[3], im[4], si, fp8=fp8)
+        txt_mlp_in = gated_add_modulate(txt, txt_attn, tm[2], tm[3], tm[4], st, fp8=fp8)
+        img = gated_add(img, self.img_mlp(img_mlp_in), im[5], si)
+        txt = gated_add(txt, self.txt_mlp(txt_mlp_in), tm[5], st)
         return img, txt
 
 
@@ -347,8 +360,9 @@ class LayeredTransformer(nn.Module):
         img = self.img_in(image_tokens)
         txt = self.txt_in(self.txt_norm(text_embeds))
         temb = self.time_text_embed(timesteps, t_cond, img.dtype)
+        temb_silu = F.silu(temb)
         for block in self.transformer_blocks:
-            img, txt = block(img, txt, temb, meta)
+            img, txt = block(img, txt, temb_silu, meta)
         noisy = img[meta.noisy_rows]
         return self.proj_out(self.norm_out(noisy, temb, meta.img_seg[meta.noisy_rows]))
 
