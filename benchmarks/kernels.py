@@ -5,8 +5,9 @@
 - adaln: LayerNorm + modulate and the gated residual, the same way.
 - attention: TFLOP/s (4 * seq^2 * H * D per sequence) of the Triton varlen kernel next to SDPA with the
   cuDNN and the flash backends (through our dispatcher and called directly), and FlexAttention.
-- fp8: the row-quantizing kernels of the FP8 step at the 640/4 CFG image rows (the MLP's GELU + quantization,
-  LayerNorm + AdaLN + quantization) in GB/s, at each num_warps, against a device copy of the same bytes.
+- fp8: the row kernels of the FP8 step at the 640/4 CFG image rows (the MLP's GELU + quantization, LayerNorm +
+  AdaLN (+ quantization, + the gated residual before it), O's mean restored, V's amax and mean) in GB/s, at each
+  num_warps, against a device copy of the same bytes and the eager reference.
 
 Usage: python benchmarks/kernels.py [--quick] [--only norm_rope adaln attention fp8] [--no-compile]
 A table is printed last; full results go to $OUT/kernels.json when OUT is set (or to --json).
@@ -165,42 +166,62 @@ def bench_adaln(bench: Bench, args: argparse.Namespace) -> list[dict]:
 
 
 def bench_fp8(bench: Bench, args: argparse.Namespace) -> list[dict]:
-    """Each kernel at the num_warps that `row_settings` picks ("triton") and at the others (``warps=W``)."""
-    from vllm_layered.kernels import adaln, fp8
+    """The row kernels of the FP8 step, each at the num_warps that `row_chunks` picks ("triton") and at the others
+    (``warps=W``), against the eager reference ("eager") and a copy of the same bytes."""
+    from vllm_layered.kernels import adaln, fp8, fp8_attention
 
     n = QUICK_ADALN_ROWS if args.quick else ADALN_ROWS
     hidden = torch.randn(n, 4 * HIDDEN, dtype=torch.bfloat16, device=DEVICE)
     x = torch.randn(n, HIDDEN, dtype=torch.bfloat16, device=DEVICE)
-    mod = torch.randn(2, 2 * HIDDEN, dtype=torch.bfloat16, device=DEVICE) * 0.1
-    shift, scale = mod[:, :HIDDEN], mod[:, HIDDEN:]
+    y = torch.randn_like(x)
+    mod = torch.randn(2, 3 * HIDDEN, dtype=torch.bfloat16, device=DEVICE) * 0.1
+    shift, scale, gate = mod[:, :HIDDEN], mod[:, HIDDEN:2 * HIDDEN], mod[:, 2 * HIDDEN:]
     seg = (torch.arange(n, device=DEVICE) >= n // 2).to(torch.int32)
-    cases = (
-        (f"gelu+quantize_rows {n}x{4 * HIDDEN} bf16", fp8, 3 * hidden.numel() + 4 * n,
-         lambda: fp8.quantize_rows(hidden, gelu=True),
-         lambda: fp8.quantize_rows_ref(hidden, gelu=True)),
-        (f"layernorm_modulate_fp8 {n}x{HIDDEN} bf16", adaln, 3 * x.numel() + 4 * n,
+    bounds = [0, n // 2, n]
+    cu = torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
+    o8 = (torch.randn(n, HIDDEN, device=DEVICE) * 100).to(fp8.FP8_DTYPE)
+    o_scale, mean = torch.rand(n, device=DEVICE) * 0.01, torch.randn(2, HIDDEN, device=DEVICE)
+    residual = x.clone()  # updated in place by the fused residual (the first call's x is x: the error check)
+    cases = (  # name, bytes moved, kernel, reference, sweep num_warps
+        (f"gelu+quantize_rows {n}x{4 * HIDDEN} bf16", 3 * hidden.numel() + 4 * n,
+         lambda: fp8.quantize_rows(hidden, gelu=True), lambda: fp8.quantize_rows_ref(hidden, gelu=True), True),
+        (f"layernorm_modulate_fp8 {n}x{HIDDEN} bf16", 3 * x.numel() + 4 * n,
          lambda: adaln.layernorm_modulate_fp8(x, shift, scale, seg),
-         lambda: adaln.layernorm_modulate_fp8_ref(x, shift, scale, seg)),
-        (f"layernorm_modulate {n}x{HIDDEN} bf16 (bf16 out)", adaln, 4 * x.numel(),
+         lambda: adaln.layernorm_modulate_fp8_ref(x, shift, scale, seg), True),
+        (f"layernorm_modulate {n}x{HIDDEN} bf16 (bf16 out)", 4 * x.numel(),
          lambda: adaln.layernorm_modulate(x, shift, scale, seg),
-         lambda: adaln.layernorm_modulate_ref(x, shift, scale, seg)),
+         lambda: adaln.layernorm_modulate_ref(x, shift, scale, seg), True),
+        (f"gated_residual_modulate fp8 {n}x{HIDDEN} bf16", 7 * x.numel() + 4 * n,
+         lambda: adaln.gated_residual_modulate(residual, y, gate, shift, scale, seg, fp8=True),
+         lambda: adaln.gated_residual_modulate_ref(x.clone(), y, gate, shift, scale, seg, fp8=True), True),
+        (f"restore_mean {n}x{HIDDEN} e4m3", 2 * o8.numel() + 8 * n,
+         lambda: fp8_attention.restore_mean(o8, o_scale, mean, cu),
+         lambda: fp8_attention.restore_mean_ref(o8, o_scale, mean, cu), True),
+        (f"sequence_stats {n}x{HIDDEN} bf16 (amax and mean of V)", 2 * x.numel(),
+         lambda: fp8_attention.sequence_stats(x, bounds, cu),
+         lambda: fp8_attention.sequence_stats_ref(x, bounds, cu), False),
     )
+    modules = (adaln, fp8, fp8_attention)
     rows = []
-    for case, module, nbytes, fused, ref in cases:
+    for case, nbytes, fused, ref, sweep in cases:
         got, expected = fused(), ref()
-        if isinstance(got, tuple):  # e4m3 rows and their scales
+        if isinstance(got, tuple) and got[0].dtype == fp8.FP8_DTYPE:  # e4m3 rows and their scales
             (q, qs), (qr, sr) = got, expected
             got, expected = q.float() * qs[:, None], qr.float() * sr[:, None]
+        elif isinstance(got, tuple):  # sequence_stats: compare the means
+            got, expected = got[1], expected[1]
         err = rel_err(got, expected)
-        settings = module.row_settings
-        providers = {"triton": fused}
-        for warps in (4, 8, 16, 32):
-            def with_warps(warps=warps, module=module, settings=settings, fused=fused):
-                module.row_settings = lambda k: (settings(k)[0], warps)
+        providers = {"triton": fused, "eager": ref}
+        for warps in (4, 8, 16, 32) if sweep else ():
+            def with_warps(warps=warps, fused=fused):
+                chunks = [m.row_chunks for m in modules]
+                for m, chosen in zip(modules, chunks):
+                    m.row_chunks = lambda k, chosen=chosen: (*chosen(k)[:2], warps)
                 try:
                     return fused()
                 finally:
-                    module.row_settings = settings
+                    for m, chosen in zip(modules, chunks):
+                        m.row_chunks = chosen
             providers[f"warps={warps}"] = with_warps
         rows += bandwidth_rows(bench, case, nbytes, err, providers, args.no_compile)
         print(format_table({"fp8": rows}), flush=True)
