@@ -94,7 +94,8 @@ class Fp8AttentionScales:
 class QuantizedV:
     """V quantized for FP8 attention: ``data`` [N, C] e4m3; ``scale`` [B] each sequence's dequantization factor and
     ``o_inv`` [B] the O scale that follows from it (scale_o); ``o_row_scale`` [N] = 1 / o_inv of each row's
-    sequence: the per-row scales of the attention output as the FP8 output projections read it."""
+    sequence: the per-row scales of the attention output, as `restore_mean` reads it (uncentered V: as the FP8 output
+    projections would)."""
 
     data: torch.Tensor
     scale: torch.Tensor
