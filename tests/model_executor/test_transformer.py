@@ -128,3 +128,64 @@ def test_checkpoint_mismatches_name_the_tensor(models, tmp_path):
     bad = {**state, name: torch.zeros(3, 3)}
     with pytest.raises(WeightLoadError, match=r"transformer_blocks\.1\.attn\.to_k\.weight.*\(3, 3\).*\(64, 64\)"):
         load_with(bad)
+
+
+def packed_batch(gen: torch.Generator) -> ForwardBatch:
+    layouts = [SequenceLayout(text_len=6, layers=2, height=3, width=2), SequenceLayout(text_len=3, layers=1,
+                                                                                        height=2, width=4)]
+    inputs = [random_inputs(layout, gen) for layout in layouts]
+    return ForwardBatch(torch.cat([i for i, _ in inputs]), torch.cat([t for _, t in inputs]),
+                        torch.tensor([0.8, 0.25]), layouts, t_cond=torch.tensor([0, 1]))
+
+
+@torch.no_grad()
+def test_modulation_table_rows_are_each_steps_modulation(models):
+    """A schedule's table, row t, is what a forward at timestep t computes; a forward given the rows (as the
+    engine gathers them) predicts what it predicts computing them itself."""
+    _, ours, _ = models
+    timesteps, t_cond = torch.tensor([1.0, 0.75, 0.5, 0.125]), torch.tensor([0, 0, 1, 0])
+    table = ours.modulation_table(timesteps, t_cond)
+    assert table.shape == (TINY["num_layers"], 2, 4, 6 * 64)
+    for t in range(4):
+        temb = ours.time_text_embed(timesteps[t : t + 1], t_cond[t : t + 1], torch.float32)
+        torch.testing.assert_close(table[:, :, t : t + 1], ours.modulation(torch.nn.functional.silu(temb)))
+    batch = packed_batch(torch.Generator().manual_seed(3))
+    rows = ours.modulation_table(batch.timesteps, batch.t_cond)
+    given = ForwardBatch(batch.image_tokens, batch.text_embeds, batch.timesteps, batch.layouts, batch.t_cond, rows)
+    torch.testing.assert_close(ours(given), ours(batch), rtol=1e-5, atol=1e-5)
+    other = ours.modulation_table(torch.tensor([0.7, 0.25]), batch.t_cond)  # the given rows are the ones used
+    swapped = ForwardBatch(batch.image_tokens, batch.text_embeds, batch.timesteps, batch.layouts, batch.t_cond, other)
+    assert rel_err(ours(swapped), ours(batch)) > 1e-3
+
+
+def test_modulation_tables_are_shared_per_schedule(models):
+    _, ours, _ = models
+    from vllm_layered.model_executor.models.transformer import MODULATION_CACHE_SIZE
+
+    first = ours.modulation_table(torch.tensor([0.9, 0.5]))
+    assert ours.modulation_table(torch.tensor([0.9, 0.5])) is first
+    assert ours.modulation_table(torch.tensor([0.9, 0.5]), torch.tensor([1, 1])) is not first  # t_cond is a key
+    for i in range(MODULATION_CACHE_SIZE):  # evicts the least recently used
+        ours.modulation_table(torch.tensor([0.1 * (i + 1)]))
+    assert ours.modulation_table(torch.tensor([0.9, 0.5])) is not first
+    assert len(ours._modulation_cache) == MODULATION_CACHE_SIZE
+    with pytest.raises(ValueError, match="equal-length"):
+        ours.modulation_table(torch.tensor([0.9, 0.5]), torch.tensor([0]))
+
+
+@torch.no_grad()
+def test_modulation_rows_are_checked_and_selected(models):
+    _, ours, _ = models
+    batch = packed_batch(torch.Generator().manual_seed(4))
+    rows = ours.modulation_table(batch.timesteps, batch.t_cond)
+    with pytest.raises(ValueError, match="modulation shape"):
+        ForwardBatch(batch.image_tokens, batch.text_embeds, batch.timesteps, batch.layouts, batch.t_cond,
+                     rows[:, :, :1])
+    wrong_width = ForwardBatch(batch.image_tokens, batch.text_embeds, batch.timesteps, batch.layouts, batch.t_cond,
+                               rows[..., :-6])
+    with pytest.raises(ValueError, match="this forward needs"):
+        ours(wrong_width)
+    full = ForwardBatch(batch.image_tokens, batch.text_embeds, batch.timesteps, batch.layouts, batch.t_cond, rows)
+    picked = full.select([1, 0])
+    torch.testing.assert_close(picked.modulation, rows.flip(2))
+    assert full.select([1]).modulation.shape[2] == 1

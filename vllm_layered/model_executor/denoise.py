@@ -25,6 +25,8 @@ class DenoiseState:
     condition_tokens: [frame_tokens, 64] packed, normalised VAE latents of the input image
     prompt_embeds:    [T, joint_dim]; negative_embeds [T', joint_dim] or None (no CFG)
     sigmas:           [num_steps + 1] float32 schedule ending in 0
+    modulation:       [num_layers, 2, num_steps, 6C] the transformer's modulation at each step
+                      (LayeredTransformer.modulation_table), or None: each forward computes it
     """
 
     layers: int
@@ -37,6 +39,7 @@ class DenoiseState:
     sigmas: torch.Tensor
     true_cfg_scale: float = 1.0
     cfg_normalize: bool = False
+    modulation: torch.Tensor | None = None
     step: int = 0
 
     @property
@@ -63,7 +66,9 @@ class DenoiseState:
 
 
 def build_forward_batch(states: list[DenoiseState], dtype: torch.dtype) -> ForwardBatch:
-    images, texts, sigmas, layouts = [], [], [], []
+    """The packed forward of every state's current step. Its modulation rows are gathered from the states' tables
+    when every state has one (else the forward computes them)."""
+    images, texts, sigmas, layouts, modulations = [], [], [], [], []
     for state in states:
         image = torch.cat([state.latents.to(dtype), state.condition_tokens.to(dtype)])
         sigma = state.sigmas[state.step]
@@ -72,11 +77,14 @@ def build_forward_batch(states: list[DenoiseState], dtype: torch.dtype) -> Forwa
             texts.append(text.to(dtype))
             sigmas.append(sigma)
             layouts.append(layout)
+            if state.modulation is not None:
+                modulations.append(state.modulation[:, :, state.step])
     device = images[0].device
     # non_blocking: the host copy is staged at once; a blocking copy would wait here for the previous step's GPU
     # work, and the GPU would then idle while this step's first kernels are launched
     timesteps = model_timestep(torch.stack(sigmas), dtype).to(device, non_blocking=True)
-    return ForwardBatch(torch.cat(images), torch.cat(texts), timesteps, layouts)
+    modulation = torch.stack(modulations, dim=2) if len(modulations) == len(layouts) else None
+    return ForwardBatch(torch.cat(images), torch.cat(texts), timesteps, layouts, modulation=modulation)
 
 
 def guided_velocities(states: list[DenoiseState], velocity: torch.Tensor) -> list[torch.Tensor]:

@@ -31,6 +31,8 @@ class ForwardBatch:
     text_embeds:  [sum text_len, joint_attention_dim]
     timesteps:    [S] float, the flow-matching sigma in [0, 1] of each sequence
     t_cond:       [S] long, the additional timestep condition (0 for RGB inputs, as the reference)
+    modulation:   [num_layers, 2, S, 6C] or None: each sequence's row of its request's modulation table
+                  (LayeredTransformer.modulation_table); None: the forward computes it from the timesteps
     """
 
     image_tokens: torch.Tensor
@@ -38,6 +40,7 @@ class ForwardBatch:
     timesteps: torch.Tensor
     layouts: list[SequenceLayout]
     t_cond: torch.Tensor | None = None
+    modulation: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         num_img = sum(s.image_tokens for s in self.layouts)
@@ -50,6 +53,10 @@ class ForwardBatch:
             raise ValueError(f"timesteps shape {tuple(self.timesteps.shape)} != ({len(self.layouts)},)")
         if self.t_cond is None:
             self.t_cond = torch.zeros(len(self.layouts), dtype=torch.long, device=self.timesteps.device)
+        modulation = self.modulation
+        if modulation is not None and (modulation.dim() != 4 or modulation.shape[2] != len(self.layouts)):
+            raise ValueError(f"modulation shape {tuple(self.modulation.shape)} is not [num_layers, 2, "
+                             f"{len(self.layouts)}, 6C]")
 
     @property
     def num_sequences(self) -> int:
@@ -65,13 +72,15 @@ class ForwardBatch:
         txt_starts = list(accumulate((s.text_len for s in self.layouts), initial=0))
         images = [self.image_tokens[img_starts[i] : img_starts[i + 1]] for i in indices]
         texts = [self.text_embeds[txt_starts[i] : txt_starts[i + 1]] for i in indices]
-        rows = torch.tensor(indices, dtype=torch.long, device=self.timesteps.device)
+        # staged, not blocking: a blocking host-to-device copy would wait for the GPU work queued so far (every step)
+        rows = torch.tensor(indices, dtype=torch.long).to(self.timesteps.device, non_blocking=True)
         return ForwardBatch(
             torch.cat(images) if images else self.image_tokens[:0],
             torch.cat(texts) if texts else self.text_embeds[:0],
             self.timesteps[rows],
             [self.layouts[i] for i in indices],
             self.t_cond[rows],
+            None if self.modulation is None else self.modulation[:, :, rows],
         )
 
 

@@ -46,7 +46,7 @@ from vllm_layered.model_executor.models.text_encoder import PromptEncoder
 from vllm_layered.model_executor.models.transformer import LayeredTransformer, TransformerConfig
 from vllm_layered.model_executor.models.vae import RGBAVAE
 from vllm_layered.model_executor.parallel import CheckpointTransformer, ParallelConfig, ParallelTransformer
-from vllm_layered.model_executor.sampler import NoiseScheduleConfig, layered_mu, sigma_schedule
+from vllm_layered.model_executor.sampler import NoiseScheduleConfig, layered_mu, model_timestep, sigma_schedule
 
 MAX_LAYERS = 20
 MAX_STEPS = 1000
@@ -259,6 +259,7 @@ class LayeredPipeline:
         condition, h, w = self.encode_condition(image, params.resolution)
         if latents is None:
             latents = self.initial_noise(params.layers, h, w, generator)
+        sigmas = sigma_schedule(self.noise_schedule_config, params.num_inference_steps, layered_mu(h * w))
         return DenoiseState(
             layers=params.layers,
             height=h,
@@ -267,9 +268,10 @@ class LayeredPipeline:
             condition_tokens=condition,
             prompt_embeds=prompt_embeds.to(self.device, self.dtype),
             negative_embeds=None if negative_embeds is None else negative_embeds.to(self.device, self.dtype),
-            sigmas=sigma_schedule(self.noise_schedule_config, params.num_inference_steps, layered_mu(h * w)),
+            sigmas=sigmas,
             true_cfg_scale=params.true_cfg_scale,
             cfg_normalize=params.cfg_normalize,
+            modulation=self.transformer.modulation_table(model_timestep(sigmas[:-1], self.dtype)),
         )
 
     def denoise_step(self, states: list[DenoiseState]) -> None:

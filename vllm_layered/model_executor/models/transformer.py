@@ -42,6 +42,7 @@ from vllm_layered.model_executor.models.fp8_linear import (
 )
 
 METADATA_CACHE_SIZE = 4  # distinct packed layouts kept (the engine's running set changes now and then)
+MODULATION_CACHE_SIZE = 4  # distinct schedules whose modulation tables are kept (most requests share a few)
 
 
 @dataclass(frozen=True)
@@ -239,8 +240,9 @@ class DualStreamBlock(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         dim = config.inner_dim
-        # SiLU then Linear, named img_mod.1 as in the checkpoint; the SiLU of the timestep embedding is the same for
-        # every block, so LayeredTransformer.run computes it once and the blocks call img_mod[1] on it
+        # SiLU then Linear, named img_mod.1 as in the checkpoint. The SiLU of the timestep embedding is the same for
+        # every block, and the linears depend on the timestep alone: LayeredTransformer.modulation runs all blocks'
+        # img_mod[1] and txt_mod[1] at once, per forward or once for a request's whole schedule
         self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.attn = JointAttention(config)
@@ -248,11 +250,12 @@ class DualStreamBlock(nn.Module):
         self.txt_mlp = FeedForward(dim, 4 * dim)
 
     def forward(
-        self, img: torch.Tensor, txt: torch.Tensor, temb_silu: torch.Tensor, meta: PackedMetadata
+        self, img: torch.Tensor, txt: torch.Tensor, modulation: torch.Tensor, meta: PackedMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # temb_silu: SiLU(temb) [S, C]. [S, 6C] -> shift1, scale1, gate1, shift2, scale2, gate2, each [S, C]
-        im = self.img_mod[1](temb_silu).chunk(6, dim=-1)
-        tm = self.txt_mod[1](temb_silu).chunk(6, dim=-1)
+        # modulation: [2, S, 6C], this block's img_mod and txt_mod outputs (LayeredTransformer.modulation); each
+        # [S, 6C] -> shift1, scale1, gate1, shift2, scale2, gate2, each [S, C]
+        im = modulation[0].chunk(6, dim=-1)
+        tm = modulation[1].chunk(6, dim=-1)
         si, st = meta.img_seg, meta.txt_seg
         fp8 = isinstance(self.attn.to_q, Fp8Linear)  # quantize_fp8 converts all of a block's projections or none
         img_attn, txt_attn = self.attn(
@@ -299,14 +302,14 @@ class TimeTextEmbed(nn.Module):
 
 
 class OutputNorm(nn.Module):
-    """AdaLayerNormContinuous: LayerNorm(x) * (1 + scale) + shift, with (scale, shift) from temb."""
+    """AdaLayerNormContinuous: LayerNorm(x) * (1 + scale) + shift, with (scale, shift) from SiLU(temb)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.linear = nn.Linear(dim, 2 * dim)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.linear(F.silu(temb)).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, temb_silu: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(temb_silu).chunk(2, dim=-1)
         return modulate(x, shift, scale, seg)
 
 
@@ -316,6 +319,7 @@ class LayeredTransformer(nn.Module):
         self.config = config
         self.attention_dtype = "bf16"  # "fp8": see models/fp8_attention.set_attention_dtype
         self._metadata_cache: dict[tuple, PackedMetadata] = {}
+        self._modulation_cache: dict[tuple, torch.Tensor] = {}
         dim = config.inner_dim
         self.time_text_embed = TimeTextEmbed(config)
         self.txt_norm = RMSNorm(config.joint_attention_dim, config.eps)
@@ -342,10 +346,47 @@ class LayeredTransformer(nn.Module):
             self._metadata_cache.pop(next(iter(self._metadata_cache)))
         return meta
 
+    def modulation(self, temb_silu: torch.Tensor) -> torch.Tensor:
+        """Every block's AdaLN modulation (its img_mod and txt_mod linears) of SiLU(temb) rows [M, C]:
+        [num_layers, 2 (image, text), M, 6C]. Each linear writes its block of the output in place."""
+        blocks = self.transformer_blocks
+        out = temb_silu.new_empty(len(blocks), 2, temb_silu.shape[0], 6 * self.config.inner_dim)
+        for i, block in enumerate(blocks):
+            for j, linear in enumerate((block.img_mod[1], block.txt_mod[1])):
+                torch.addmm(linear.bias, temb_silu, linear.weight.t(), out=out[i, j])
+        return out
+
+    def modulation_table(self, timesteps: torch.Tensor, t_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """`modulation` for a request's whole schedule, computed once before its first step: model timesteps [T]
+        (sampler.model_timestep) and their t_cond (zeros by default) -> [num_layers, 2, T, 6C], row t for step t.
+
+        Why: the 120 modulation linears depend on the timestep alone, and with one or two rows per sequence they
+        are bound by reading their weights (13.6 GB for the full model): a few ms of every forward, and on a
+        CFG-parallel rank all of it for a single row. Here they read them once for all T steps. Tables are kept
+        for the last `MODULATION_CACHE_SIZE` schedules, so requests with the same steps and resolution share one
+        (4.4 MB per step for the full model). The rows are the same bits whichever caller asks, so the engine's
+        forwards stay bit-equal to the offline pipeline's.
+        """
+        if t_cond is None:
+            t_cond = torch.zeros(timesteps.shape, dtype=torch.long)
+        if timesteps.dim() != 1 or t_cond.shape != timesteps.shape:
+            raise ValueError(f"timesteps {tuple(timesteps.shape)} and t_cond {tuple(t_cond.shape)} must be one "
+                             "equal-length row each")
+        key = (tuple(timesteps.tolist()), tuple(t_cond.tolist()))
+        table = self._modulation_cache.pop(key, None)
+        if table is None:
+            weight = self.proj_out.weight  # never quantized: the model's device and activation dtype
+            temb = self.time_text_embed(timesteps.to(weight.device), t_cond.to(weight.device), weight.dtype)
+            table = self.modulation(F.silu(temb))
+        self._modulation_cache[key] = table  # most recently used last
+        while len(self._modulation_cache) > MODULATION_CACHE_SIZE:
+            self._modulation_cache.pop(next(iter(self._modulation_cache)))
+        return table
+
     def forward(self, batch: ForwardBatch, meta: PackedMetadata | None = None) -> torch.Tensor:
         """Velocity prediction for the noisy tokens: [sum noisy_tokens, patch^2 * out_channels]."""
         meta = meta or self.build_metadata(batch)
-        return self.run(batch.image_tokens, batch.text_embeds, batch.timesteps, batch.t_cond, meta)
+        return self.run(batch.image_tokens, batch.text_embeds, batch.timesteps, batch.t_cond, meta, batch.modulation)
 
     def run(
         self,
@@ -354,17 +395,23 @@ class LayeredTransformer(nn.Module):
         timesteps: torch.Tensor,
         t_cond: torch.Tensor,
         meta: PackedMetadata,
+        modulation: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The forward on explicit rows; a sequence-parallel rank passes its own rows (``PackedMetadata.shard``)
-        and gets the velocity of the noisy tokens among them."""
+        and gets the velocity of the noisy tokens among them. ``modulation``: the sequences' rows of their
+        modulation tables [num_layers, 2, S, 6C] (ForwardBatch.modulation), else computed here."""
         img = self.img_in(image_tokens)
         txt = self.txt_in(self.txt_norm(text_embeds))
-        temb = self.time_text_embed(timesteps, t_cond, img.dtype)
-        temb_silu = F.silu(temb)
-        for block in self.transformer_blocks:
-            img, txt = block(img, txt, temb_silu, meta)
+        temb_silu = F.silu(self.time_text_embed(timesteps, t_cond, img.dtype))
+        if modulation is None:
+            modulation = self.modulation(temb_silu)
+        expected = (len(self.transformer_blocks), 2, timesteps.shape[0], 6 * self.config.inner_dim)
+        if tuple(modulation.shape) != expected:
+            raise ValueError(f"modulation has shape {tuple(modulation.shape)}, this forward needs {expected}")
+        for block, block_modulation in zip(self.transformer_blocks, modulation):
+            img, txt = block(img, txt, block_modulation, meta)
         noisy = img[meta.noisy_rows]
-        return self.proj_out(self.norm_out(noisy, temb, meta.img_seg[meta.noisy_rows]))
+        return self.proj_out(self.norm_out(noisy, temb_silu, meta.img_seg[meta.noisy_rows]))
 
     def load_weights(self, weights) -> set[str]:
         return install_weights(self, weights, component="transformer")

@@ -108,7 +108,7 @@ def parallel_forward(
         return model(sub, meta)
     exchange = UlyssesExchange.split(meta.total_tokens, ctx.sp_group, ctx.sp_rank, config.sp_degree)
     local, img, txt = meta.shard(exchange)
-    return model.run(sub.image_tokens[img], sub.text_embeds[txt], sub.timesteps, sub.t_cond, local)
+    return model.run(sub.image_tokens[img], sub.text_embeds[txt], sub.timesteps, sub.t_cond, local, sub.modulation)
 
 
 def _gather(
@@ -133,7 +133,15 @@ def _gather(
     return torch.cat(pieces)
 
 
+# a forward's layouts, then (shape, dtype) of each tensor broadcast after it: image_tokens, text_embeds, timesteps,
+# t_cond and, when the batch has one, modulation
 Header = tuple[list[SequenceLayout], list[tuple[torch.Size, torch.dtype]]]
+
+
+def _batch_tensors(batch: ForwardBatch) -> list[torch.Tensor]:
+    """The tensors of ``batch`` that rank 0 broadcasts, in `Header` order."""
+    tensors = [batch.image_tokens, batch.text_embeds, batch.timesteps, batch.t_cond]
+    return tensors if batch.modulation is None else [*tensors, batch.modulation]
 
 
 def _receive_batch(conn: Connection, device: torch.device) -> ForwardBatch | None:
@@ -150,8 +158,7 @@ def _receive_batch(conn: Connection, device: torch.device) -> ForwardBatch | Non
     tensors = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in specs]
     for tensor in tensors:
         dist.broadcast(tensor, src=0)
-    image_tokens, text_embeds, timesteps, t_cond = tensors
-    return ForwardBatch(image_tokens, text_embeds, timesteps, layouts, t_cond)
+    return ForwardBatch(*tensors[:3], layouts, *tensors[3:])
 
 
 def _worker_main(
@@ -244,6 +251,10 @@ class ParallelTransformer:
     def parallel_config(self) -> ParallelConfig:
         return self.ctx.config
 
+    def modulation_table(self, timesteps: torch.Tensor, t_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Rank 0's `LayeredTransformer.modulation_table`: each forward's rows of it are broadcast with the batch."""
+        return self.model.modulation_table(timesteps, t_cond)
+
     def dead_workers(self) -> list[str]:
         """The worker ranks that have exited. Read from their sentinels, which turn ready when a process ends
         whichever thread reaps it: ``is_alive()`` can still say True while the watchdog's join is reaping it."""
@@ -271,7 +282,7 @@ class ParallelTransformer:
         if failure is not None:  # fail now rather than wait in a collective for a rank that is gone
             raise RuntimeError(f"{failure}; the server must be restarted")
         try:
-            tensors = (batch.image_tokens, batch.text_embeds, batch.timesteps, batch.t_cond)
+            tensors = _batch_tensors(batch)
             header: Header = (batch.layouts, [(t.shape, t.dtype) for t in tensors])
             for pipe in self._pipes:
                 pipe.send(header)

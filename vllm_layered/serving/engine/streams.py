@@ -11,7 +11,8 @@ the first Euler step replaced it, was allocated on the aux stream; the last late
 the step stream).
 
 So every tensor one stream writes and the other reads crosses with a ``Handoff``, the engine's only crossing:
-- prepare (aux) -> first step: the DenoiseStates' noise, condition tokens and prompt embeddings;
+- prepare (aux) -> first step: the DenoiseStates' noise, condition tokens, prompt embeddings and modulation
+  tables (a table cached by the transformer was written on the aux stream too, before this handoff's event);
 - last step -> decode (aux): the DenoiseState after its last Euler update.
 A refinement of a decoded layer (a tree request) crosses the same two ways: its input is cropped from the decoded
 layer's pixels on the host, so no tensor crosses between a parent's decode and its children's preprocessing.
@@ -45,7 +46,8 @@ def use_stream(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextMa
 
 def state_tensors(state: DenoiseState) -> Iterator[torch.Tensor]:
     """The tensors of a DenoiseState that live on the device and travel with it between threads."""
-    for tensor in (state.latents, state.condition_tokens, state.prompt_embeds, state.negative_embeds, state.sigmas):
+    for tensor in (state.latents, state.condition_tokens, state.prompt_embeds, state.negative_embeds, state.sigmas,
+                   state.modulation):
         if tensor is not None and tensor.is_cuda:
             yield tensor
 
