@@ -13,7 +13,6 @@ GEMMs with bf16 attention, is the default of ``quantization="fp8"``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,7 +21,6 @@ import torch.distributed as dist
 from torch import nn
 
 from vllm_layered.kernels.cudnn_fp8_attention import MIN_CAPABILITY, cudnn_fp8_attention, cudnn_frontend_error
-from vllm_layered.kernels.fp8 import FP8_DTYPE
 from vllm_layered.kernels.fp8_attention import (
     Fp8AttentionScales,
     fp8_attention_ref,
@@ -39,6 +37,7 @@ from vllm_layered.model_executor.models.fp8_linear import Fp8Linear, Fp8Rows
 
 if TYPE_CHECKING:
     from vllm_layered.model_executor.forward_batch import PackedMetadata
+    from vllm_layered.model_executor.parallel.ulysses import HeadsInFlight
 
 ATTENTION_DTYPES = ("bf16", "fp8")
 
@@ -110,16 +109,18 @@ def set_attention_dtype(model: nn.Module, attention_dtype: str) -> None:
 
 
 def fp8_joint_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Fp8AttentionLayer, meta: PackedMetadata
+    q: torch.Tensor | HeadsInFlight, k: torch.Tensor | HeadsInFlight, v: torch.Tensor, layer: Fp8AttentionLayer,
+    meta: PackedMetadata,
 ) -> Fp8Rows:
     """Attention over the joint buffers [rows, H, D]: q and k e4m3 (written with ``layer``'s scales), v in the
     projection's dtype, centered on its per-sequence mean and quantized here with one scale per sequence; the mean is
     added back to the output, whose rows are quantized for the FP8 output projections (kernels/fp8_attention.py says
     why V is centered).
 
-    Sequence parallel (``meta.ulysses``): a rank holds a range of the joint rows, so the group all-reduces the
-    per-sequence amax(V) and each rank's share of V's mean (every rank then attends over every row with the same
-    scales and means), and the all-to-alls move e4m3 bytes.
+    Sequence parallel (``meta.ulysses``): a rank holds a range of the joint rows, and q and k are their all-to-alls
+    to a share of the heads, in flight (JointAttention.forward starts them). The group all-reduces the per-sequence
+    amax(V) and each rank's share of V's mean (every rank then attends over every row with the same scales and
+    means), and the all-to-alls move e4m3 bytes.
     """
     exchange = meta.ulysses
     row_offset = 0 if exchange is None else exchange.row_range[0]
@@ -133,16 +134,12 @@ def fp8_joint_attention(
     quantized = (quantize_v if kernels else quantize_v_ref)(rows, amax, meta.cu_seqlens, row_offset, mean)
     v8 = quantized.data.view(v.shape)
     if exchange is not None:
-        q, k, v8 = (_as_bytes(exchange.scatter_heads, t) for t in (q, k, v8))
+        q, k, v8 = q.wait(), k.wait(), exchange.scatter_heads(v8)
     scales = Fp8AttentionScales(layer.q_descale, layer.k_descale, quantized.scale, quantized.o_inv)
     out = (cudnn_fp8_attention if q.is_cuda else fp8_attention_ref)(q, k, v8, scales, meta.seq_bounds)
     if exchange is not None:
-        out = _as_bytes(exchange.gather_heads, out)
+        out = exchange.gather_heads(out)
     restored = (restore_mean if kernels else restore_mean_ref)(
         out.view(meta.total_tokens, -1), quantized.o_row_scale, mean, meta.cu_seqlens, row_offset)
     return Fp8Rows(*restored, v.dtype)
 
-
-def _as_bytes(exchange: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor) -> torch.Tensor:
-    """A Ulysses all-to-all of e4m3 data moved as bytes (collective backends need not support float8)."""
-    return exchange(t.view(torch.uint8)).view(FP8_DTYPE)

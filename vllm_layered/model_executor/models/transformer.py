@@ -15,6 +15,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,9 @@ from vllm_layered.model_executor.models.fp8_linear import (
     quantize_activation,
     quantize_fp8,
 )
+
+if TYPE_CHECKING:
+    from vllm_layered.model_executor.parallel.ulysses import HeadsInFlight
 
 METADATA_CACHE_SIZE = 4  # distinct packed layouts kept (the engine's running set changes now and then)
 MODULATION_CACHE_SIZE = 4  # distinct schedules whose modulation tables are kept (most requests share a few)
@@ -166,11 +170,14 @@ class JointAttention(nn.Module):
             (txt, meta.txt_rows, meta.txt_spans, (self.add_q_proj, self.add_k_proj, self.add_v_proj),
              (self.norm_added_q, self.norm_added_k), (meta.txt_cos, meta.txt_sin)),
         )
-        for x, rows, spans, (proj_q, proj_k, proj_v), (norm_q, norm_k), (cos, sin) in streams:
+        for x, rows, _, (proj_q, proj_k, _), (norm_q, norm_k), (cos, sin) in streams:
             norm_rope(proj_q(x).view(heads), norm_q.weight, cos, sin, eps=norm_q.eps, out=q, out_rows=rows,
                       out_scale=q_scale)
             norm_rope(proj_k(x).view(heads), norm_k.weight, cos, sin, eps=norm_k.eps, out=k, out_rows=rows,
                       out_scale=k_scale)
+        if meta.ulysses is not None:  # sequence parallel: Q's and K's all-to-alls run while V is projected
+            q, k = (meta.ulysses.start_scatter(t) for t in (q, k))
+        for x, _, spans, (_, _, proj_v), _, _ in streams:
             linear_spans(x, proj_v, spans, v.view(meta.total_tokens, -1), to_joint=True)
         if fp8 is not None:
             out = fp8_joint_attention(q, k, v, fp8, meta)  # e4m3 rows and their scale, for both projections
@@ -181,10 +188,12 @@ class JointAttention(nn.Module):
         txt_out = linear_spans(out, self.to_add_out, meta.txt_spans, v.new_empty(txt.shape), to_joint=False)
         return img_out, txt_out
 
-    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PackedMetadata) -> torch.Tensor:
+    def _attention(self, q: torch.Tensor | HeadsInFlight, k: torch.Tensor | HeadsInFlight, v: torch.Tensor,
+                   meta: PackedMetadata) -> torch.Tensor:
+        # q, k: the joint buffers, or with sequence parallelism (meta.ulysses) their all-to-alls in flight
         exchange = meta.ulysses
-        if exchange is not None:  # sequence parallel: every row of the joint buffer, a share of the heads
-            q, k, v = (exchange.scatter_heads(t) for t in (q, k, v))
+        if exchange is not None:  # every row of the joint buffer, a share of the heads
+            q, k, v = q.wait(), k.wait(), exchange.scatter_heads(v)
         out = attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, backend=self.backend, bounds=meta.seq_bounds)
         return out if exchange is None else exchange.gather_heads(out)
 

@@ -4,6 +4,10 @@ Outside attention every rank of a sequence-parallel group holds a contiguous ran
 rows with all heads (projections, norms and MLPs are per token). Attention needs whole sequences, so
 around it one all-to-all hands each rank every row for ``heads / size`` of the heads, and one more
 returns the attention output to its owner.
+
+`UlyssesExchange.start_scatter` returns before the all-to-all is done, so that the transformer moves Q and K while
+it projects V (JointAttention.forward); `HeadsInFlight.wait` orders the current stream after it. e4m3 tensors move
+as bytes: collective backends need not support float8.
 """
 
 from __future__ import annotations
@@ -12,6 +16,28 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+_FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _as_bytes(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.uint8) if x.dtype in _FLOAT8_DTYPES else x
+
+
+@dataclass(frozen=True)
+class HeadsInFlight:
+    """The output of an all-to-all that may still be running: ``wait`` before reading it."""
+
+    tensor: torch.Tensor
+    work: dist.Work | None
+    dtype: torch.dtype
+
+    def wait(self) -> torch.Tensor:
+        """The received tensor, once the collective is done (CUDA: the current stream waits for it on the GPU; the
+        host does not block)."""
+        if self.work is not None:
+            self.work.wait()
+        return self.tensor.view(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -44,25 +70,33 @@ class UlyssesExchange:
     def row_range(self) -> tuple[int, int]:
         return self.row_ranges[self.rank]
 
-    def scatter_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """[own rows, H, D] -> [all rows, H / size, D]: group rank r keeps heads r*H/size .. (r+1)*H/size."""
+    def start_scatter(self, x: torch.Tensor) -> HeadsInFlight:
+        """[own rows, H, D] -> [all rows, H / size, D], started: group rank r receives heads r*H/size ..
+        (r+1)*H/size of every row. The all-to-all runs while the caller queues more work."""
         rows, heads, dim = x.shape
         share = heads // self.size
-        send = x.view(rows, self.size, share, dim).transpose(0, 1).contiguous().view(self.size * rows, share, dim)
-        out = x.new_empty(sum(self.row_counts), share, dim)
-        dist.all_to_all_single(
+        data = _as_bytes(x)
+        send = data.view(rows, self.size, share, dim).transpose(0, 1).contiguous().view(self.size * rows, share, dim)
+        out = data.new_empty(sum(self.row_counts), share, dim)
+        work = dist.all_to_all_single(
             out, send, output_split_sizes=list(self.row_counts), input_split_sizes=[rows] * self.size,
-            group=self.group,
+            group=self.group, async_op=True,
         )
-        return out
+        return HeadsInFlight(out, work, x.dtype)
+
+    def scatter_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """`start_scatter`, waited for."""
+        return self.start_scatter(x).wait()
 
     def gather_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[all rows, H / size, D] -> [own rows, H, D]: the inverse of ``scatter_heads``."""
         _, share, dim = x.shape
         rows = self.row_counts[self.rank]
-        recv = x.new_empty(self.size * rows, share, dim)
+        data = _as_bytes(x).contiguous()
+        recv = data.new_empty(self.size * rows, share, dim)
         dist.all_to_all_single(
-            recv, x.contiguous(), output_split_sizes=[rows] * self.size, input_split_sizes=list(self.row_counts),
+            recv, data, output_split_sizes=[rows] * self.size, input_split_sizes=list(self.row_counts),
             group=self.group,
         )
-        return recv.view(self.size, rows, share, dim).transpose(0, 1).contiguous().view(rows, self.size * share, dim)
+        out = recv.view(self.size, rows, share, dim).transpose(0, 1).contiguous().view(rows, self.size * share, dim)
+        return out.view(x.dtype)
