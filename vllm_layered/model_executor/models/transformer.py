@@ -372,7 +372,7 @@ class LayeredTransformer(nn.Module):
         Why: the 120 modulation linears depend on the timestep alone, and with one or two rows per sequence they
         are bound by reading their weights (13.6 GB for the full model): a few ms of every forward, and on a
         CFG-parallel rank all of it for a single row. Here they read them once for all T steps. Tables are kept
-        for the last `MODULATION_CACHE_SIZE` schedules, so requests with the same steps and resolution share one
+        for the last `MODULATION_CACHE_SIZE` schedules, so requests with the same steps and bucketed size share one
         (4.4 MB per step for the full model). The rows are the same bits whichever caller asks, so the engine's
         forwards stay bit-equal to the offline pipeline's.
         """
