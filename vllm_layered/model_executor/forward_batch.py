@@ -55,7 +55,7 @@ class ForwardBatch:
             self.t_cond = torch.zeros(len(self.layouts), dtype=torch.long, device=self.timesteps.device)
         modulation = self.modulation
         if modulation is not None and (modulation.dim() != 4 or modulation.shape[2] != len(self.layouts)):
-            raise ValueError(f"modulation shape {tuple(self.modulation.shape)} is not [num_layers, 2, "
+            raise ValueError(f"modulation shape {tuple(modulation.shape)} is not [num_layers, 2, "
                              f"{len(self.layouts)}, 6C]")
 
     @property
