@@ -18,8 +18,11 @@ Every row is printed as it finishes; a row that fails prints its error and a sho
        cuDNN FP8 (uncentered, and centered as the model runs it), of the FP8 reference (Q, K, V, O rounded, P not), of
        rounding Q and K only, V only, O only; and the logits of 64 query rows of head 0 (spread over the keys,
        softmax mass in keys whose P * 448 is subnormal in e4m3).
+    k  key windows: each sequence's keys at its own length vs in a window rounded up to KEY_TILE under cuDNN's
+       padding mask (what cudnn_fp8_attention runs), alone and packed: time, and whether the outputs are equal;
+       a NaN in the masked rows of K, then of V: does it reach O?
 
-    python benchmarks/attention_fp8.py [--sections abcdefgh] [--repeat 20]
+    python benchmarks/attention_fp8.py [--sections abcdefghk] [--repeat 20]
 
 Needs the cuDNN frontend: pip install --no-deps --target /tmp/site .whl/nvidia_cudnn_frontend-*.whl and
 PYTHONPATH=/tmp/site. Results also go to $OUT/attention_fp8.json.
@@ -319,7 +322,7 @@ def section_f(args) -> None:
                     scratch = cfa._scratch(torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream,
                                            g.workspace_size)
                     pack = cfa._variant_pack(g, scratch, (data.q8, data.k8, data.qv.data.view(data.v.shape), out),
-                                             data.scales, 0, 0, n)
+                                             data.scales, cfa.KeyWindow(0, 0, n, n, True), 0)
                     ms = bench_ms(lambda: g.graph.execute(pack, scratch.workspace, handle=handle), repeat=args.repeat)
                     report(f"f {n} knob {knob}={value}", f"{ms:.3f} ms ({tflops((n,), ms):.0f} TFLOP/s)",
                            dict(ms=ms))
@@ -348,7 +351,7 @@ def section_f(args) -> None:
                         scratch = cfa._scratch(torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream,
                                                ws)
                         pack = cfa._variant_pack(g, scratch, (data.q8, data.k8, data.qv.data.view(data.v.shape), out),
-                                                 data.scales, 0, 0, n)
+                                                 data.scales, cfa.KeyWindow(0, 0, n, n, True), 0)
                         run = lambda: g.graph.execute_plan_at_index(pack, scratch.workspace, index=i, handle=handle)  # noqa: E731
                         ms = bench_ms(run, repeat=args.repeat)
                         diff = (out.float() - default).abs().max().item()
@@ -488,6 +491,31 @@ def error_sources(resolution, block, q, k, v, layer, quantize_with_scale_ref) ->
            errs.items()) + "; " + ", ".join(f"{k} {v:.3g}" for k, v in stats.items()), {**errs, **stats})
 
 
+def section_k(args) -> None:
+    tile = cfa.KEY_TILE
+    for lengths in ((9800,), (9606,), (9728,), CFG_PAIR, (SIZES[1],), (SIZES[1], SIZES[1] - 194)):
+        data = Inputs(lengths)
+        outs = {}
+        for label, key_tile in (("own length", 1), ("window", tile)):
+            cfa.KEY_TILE = key_tile  # a tile of 1 makes every window the sequence's own length
+            try:
+                ms = bench_ms(data.fp8, repeat=args.repeat)
+                outs[label] = data.fp8().view(torch.uint8)
+            finally:
+                cfa.KEY_TILE = tile
+            report(f"k {lengths} {label}", f"{ms:.3f} ms ({tflops(lengths, ms):.0f} TFLOP/s)", dict(ms=ms))
+        report(f"k {lengths} equal", str(torch.equal(outs["own length"], outs["window"])))
+    n = 9800  # then a second sequence after it, whose first rows are NaN codes (0x7f): does the first stay finite?
+    padded = -(-n // tile) * tile
+    for name in ("k", "v"):
+        data = Inputs((n, padded - n))
+        q8, k8, v8 = data.q8, data.k8.clone(), data.qv.data.view(data.v.shape).clone()
+        (k8 if name == "k" else v8).view(torch.uint8)[n:] = 0x7F
+        out = cfa.cudnn_fp8_attention(q8, k8, v8, data.scales, data.bounds)[:n]
+        finite = bool(torch.isfinite(out.float()).all())
+        report(f"k NaN in the masked {name} rows", f"first sequence's O finite: {finite}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="abcdefgh", help="which sections to run, e.g. 'abc'")
@@ -499,7 +527,7 @@ def main() -> None:
     if error is not None:
         print(f"cuDNN frontend missing, sections a-c need it: {error}", flush=True)
     sections = dict(a=section_a, b=section_b, c=section_c, d=section_d, e=section_e, f=section_f, g=section_g,
-                    h=section_h)
+                    h=section_h, k=section_k)
     for key in args.sections:
         start = time.perf_counter()
         attempt(f"section {key}", lambda key=key: sections[key](args))

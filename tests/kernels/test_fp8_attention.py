@@ -444,6 +444,23 @@ def test_reference_checks_its_inputs():
         quantize_v_ref(torch.ones(4, 8), torch.ones(2), torch.tensor([0, 4]))
 
 
+def test_key_windows_round_keys_up_to_whole_tiles():
+    """Each sequence's keys are read in a window of whole KEY_TILEs: in place while it ends inside the buffer, from a
+    copy where it would run past it; empty sequences have none."""
+    tile = cfa.KEY_TILE
+    bounds = [0, 9800, 9800, 19406, 19406 + tile, 19406 + tile + 77]
+    windows = cfa.key_windows(bounds, bounds[-1])
+    assert windows == [
+        cfa.KeyWindow(0, 0, 9800, 39 * tile, True),  # 9984 rows: 184 of the next sequence's, masked
+        cfa.KeyWindow(2, 9800, 9606, 38 * tile, True),
+        cfa.KeyWindow(3, 19406, tile, tile, True),  # already whole tiles: its own rows
+        cfa.KeyWindow(4, 19406 + tile, 77, tile, False),  # would end 179 rows past the buffer
+    ]
+    assert all(w.window % tile == 0 and w.length <= w.window < w.length + tile for w in windows)
+    assert cfa.key_windows([0, 9800], 9800)[0].in_place is False
+    assert cfa.key_windows([0, 9800], 9800 + 184)[0].in_place is True  # rows past the last sequence count
+
+
 def test_missing_frontend_names_the_install_command():
     error = cfa.cudnn_frontend_error()
     if error is None:
@@ -526,6 +543,22 @@ def test_cudnn_packed_sequences_and_graph_cache():
         one = Fp8AttentionScales(scales.q, scales.k, scales.v[b : b + 1], scales.o_inv[b : b + 1])
         alone = cfa.cudnn_fp8_attention(q8[start:end], k8[start:end], v8[start:end], one, [0, end - start])
         assert torch.equal(alone.view(torch.uint8), first[start:end].view(torch.uint8)), b
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [[9800, 9606], [24776]])
+def test_cudnn_key_windows_equal_keys_at_their_own_length(lengths, monkeypatch):
+    """Keys read in whole-tile windows under the padding mask (the next sequence's rows in place, or a scratch copy
+    at the buffer's end) give the output of graphs at each sequence's own key length, bit for bit; a tile of 1 makes
+    every window the sequence's own length."""
+    needs_cudnn_fp8()
+    _, _, v, q8, k8, qv, scales, bounds = gpu_inputs(lengths)
+    v8 = qv.data.view(v.shape)
+    windows = cfa.cudnn_fp8_attention(q8, k8, v8, scales, bounds)
+    assert any(w.window > w.length for w in cfa.key_windows(bounds, v.shape[0]))
+    monkeypatch.setattr(cfa, "KEY_TILE", 1)
+    own = cfa.cudnn_fp8_attention(q8, k8, v8, scales, bounds)
+    assert torch.equal(windows.view(torch.uint8), own.view(torch.uint8))
 
 
 @pytest.mark.gpu

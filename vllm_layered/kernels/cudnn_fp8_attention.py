@@ -20,9 +20,19 @@ request is already 14+ waves of 128-query tiles x 24 heads on 132 SMs, so a call
 wave; one padded batched call cost what the separate calls cost, and torch's ragged cuDNN path measured 4-11x
 slower (benchmarks/RESULTS.md, session 4). Batch 1 also keeps the number of graphs to build down (one per length).
 
-Graphs are built once per (device, length, heads, head dim, softmax scale) and kept (LRU of `GRAPH_CACHE_SIZE`):
-building one takes far longer than running it. They run on torch's current stream, through one cuDNN handle per
-device, with a workspace kept per (device, stream).
+Keys in whole tiles: cuDNN's FP8 kernel runs 8-12% faster when the key length is a multiple of `KEY_TILE` (256)
+than at any other length (H200, cuDNN 9.19: 9800 tokens 1.40 -> 1.28 ms, 24776 tokens 9.09 -> 8.31 ms; the
+output is bit-identical; benchmarks/RESULTS.md, session 9). So a sequence of L tokens reads its keys and values in
+a window of L rounded up to `KEY_TILE` rows, and cuDNN's padding mask (seq_len_kv = L) keeps the rows past L out
+of the softmax. Those rows are the next sequence's, read in place; a window that would run past the buffer (the
+last sequence) reads a copy of the sequence's K and V in a scratch buffer instead, whose rows past it are finite
+(zeros or an earlier copy's codes). Masked rows must be finite: a NaN there still reaches O through P = 0 times
+V (seen on the H200). The model's V codes never are NaN (`quantize_v` clamps), and K codes are NaN only where the
+request that owns them is already lost.
+
+Graphs are built once per (device, length, key window, heads, head dim, softmax scale) and kept (LRU of
+`GRAPH_CACHE_SIZE`): building one takes far longer than running it. They run on torch's current stream, through
+one cuDNN handle per device, with a workspace and the key/value scratch kept per (device, stream).
 """
 
 from __future__ import annotations
@@ -41,8 +51,8 @@ from vllm_layered.kernels.fp8 import FP8_DTYPE, FP8_MAX
 from vllm_layered.kernels.fp8_attention import Fp8AttentionScales, check_attention_inputs
 
 __all__ = [
-    "GRAPH_CACHE_SIZE", "INSTALL_HINT", "MIN_CAPABILITY", "GraphCacheInfo", "clear_graph_cache",
-    "cudnn_fp8_attention", "cudnn_frontend_error", "graph_cache_info",
+    "GRAPH_CACHE_SIZE", "INSTALL_HINT", "KEY_TILE", "MIN_CAPABILITY", "GraphCacheInfo", "KeyWindow",
+    "clear_graph_cache", "cudnn_fp8_attention", "cudnn_frontend_error", "graph_cache_info", "key_windows",
 ]
 
 INSTALL_HINT = ("pip install 'vllm-layered[fp8-attention]' (or, without the frontend's CuTe DSL dependencies, which "
@@ -50,6 +60,7 @@ INSTALL_HINT = ("pip install 'vllm-layered[fp8-attention]' (or, without the fron
 MIN_CAPABILITY = (9, 0)  # cuDNN's FP8 attention forward: Hopper and newer
 GRAPH_CACHE_SIZE = 64
 S_SCALE = FP8_MAX  # P <= 1 before its e4m3 cast: cuDNN's bound for e4m3 without dropout
+KEY_TILE = 256  # key lengths that are multiples of this run cuDNN's fast kernel (module docstring)
 
 
 @functools.cache
@@ -90,6 +101,22 @@ class _Graph:
     o: Any
     amax_o: Any
     workspace_size: int
+    seq_len_q: Any = None  # the padding mask's lengths (a key window longer than the sequence), else None
+    seq_len_kv: Any = None
+    lengths: torch.Tensor | None = None  # int32 [1, 1, 1, 1] holding the sequence length, for both
+
+
+@dataclass(frozen=True)
+class KeyWindow:
+    """Where sequence ``seq``'s attention reads its keys and values: rows ``start:start + length`` of the packed q
+    and o, keys and values from row ``start`` over ``window`` rows (the length rounded up to `KEY_TILE`), in place
+    or (``in_place`` False: the window would run past the buffer) from a scratch copy."""
+
+    seq: int
+    start: int
+    length: int
+    window: int
+    in_place: bool
 
 
 @dataclass(frozen=True)
@@ -107,6 +134,7 @@ class _Scratch:
     amax_o: torch.Tensor  # cuDNN's amax(O) output, not read
     scale_s: torch.Tensor  # S_SCALE
     descale_s: torch.Tensor  # 1 / S_SCALE
+    keys: torch.Tensor | None = None  # e4m3 [2, rows, H, D]: K and V of a window past the buffer's end, finite rows
 
 
 class _State:
@@ -143,31 +171,44 @@ def _handle(cudnn: Any, device: int) -> Any:
 
 
 def _build_graph(
-    cudnn: Any, handle: Any, length: int, heads: int, head_dim: int, scale: float, *,
+    cudnn: Any, handle: Any, length: int, heads: int, head_dim: int, scale: float, *, window: int | None = None,
     heuristics: Sequence[Any] | None = None, all_plans: bool = False, plan: tuple[int, dict] | None = None,
 ) -> _Graph:
-    """The sdpa_fp8 graph of one sequence of ``length`` tokens, BSHD strides: q, k, v and o are [1, H, L, D] views of
-    [L, H, D] rows. Stats are not generated (inference); amax(O) is an output (cuDNN's own tests declare it so),
-    amax(S) stays virtual as the frontend recommends. ``heuristics`` (cuDNN heuristic modes, default A then
+    """The sdpa_fp8 graph of one sequence of ``length`` tokens, BSHD strides: q and o are [1, H, L, D] views of
+    [L, H, D] rows, k and v [1, H, window, D] (default: the length); a longer window masks its rows past ``length``
+    with cuDNN's padding mask. Stats are not generated (inference); amax(O) is an output (cuDNN's own tests declare
+    it so), amax(S) stays virtual as the frontend recommends. ``heuristics`` (cuDNN heuristic modes, default A then
     FALLBACK) rank the candidate plans; the first that builds runs, or with ``all_plans`` every one is built;
     ``plan`` (engine id, knobs) builds that one plan instead (benchmarks/attention_fp8.py times them)."""
+    window = length if window is None else window
+    if window < length:
+        raise ValueError(f"a key window of {window} rows cannot hold a sequence of {length}")
     e4m3, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
     graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
-    dims = [1, heads, length, head_dim]
-    strides = [length * heads * head_dim, head_dim, heads * head_dim, 1]
-    q, k, v = (graph.tensor(name=name, dim=dims, stride=strides, data_type=e4m3) for name in ("q", "k", "v"))
+
+    def rows(name: str, n: int) -> Any:
+        return graph.tensor(name=name, dim=[1, heads, n, head_dim], stride=[n * heads * head_dim, head_dim,
+                                                                            heads * head_dim, 1], data_type=e4m3)
+
+    q, k, v = rows("q", length), rows("k", window), rows("v", window)
     one = dict(dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=f32)
     descale_q, descale_k, descale_v, descale_s, scale_s, scale_o = (
         graph.tensor(name=name, **one)
         for name in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")
     )
+    mask: dict[str, Any] = {}
+    if window > length:
+        lengths = dict(dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=cudnn.data_type.INT32)
+        mask = dict(use_padding_mask=True, seq_len_q=graph.tensor(name="seq_len_q", **lengths),
+                    seq_len_kv=graph.tensor(name="seq_len_kv", **lengths))
     o, _, _, amax_o = graph.sdpa_fp8(
         q=q, k=k, v=v,
         descale_q=descale_q, descale_k=descale_k, descale_v=descale_v,
         descale_s=descale_s, scale_s=scale_s, scale_o=scale_o,
-        generate_stats=False, attn_scale=scale, name="sdpa_fp8",
+        generate_stats=False, attn_scale=scale, name="sdpa_fp8", **mask,
     )
-    o.set_output(True).set_dim(dims).set_stride(strides).set_data_type(e4m3)
+    o.set_output(True).set_dim([1, heads, length, head_dim]).set_stride(
+        [length * heads * head_dim, head_dim, heads * head_dim, 1]).set_data_type(e4m3)
     amax_o.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
     steps = (
         ("validate", graph.validate),
@@ -186,19 +227,23 @@ def _build_graph(
                 f"({step}; cuDNN {cudnn.backend_version_string()}, frontend {cudnn.__version__}): "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
+    lengths = None
+    if mask:
+        device = torch.cuda.current_device()
+        lengths = torch.full((1, 1, 1, 1), length, dtype=torch.int32, device=device)
     return _Graph(graph, q, k, v, descale_q, descale_k, descale_v, descale_s, scale_s, scale_o, o, amax_o,
-                  graph.get_workspace_size())
+                  graph.get_workspace_size(), mask.get("seq_len_q"), mask.get("seq_len_kv"), lengths)
 
 
-def _graph(cudnn: Any, device: int, length: int, heads: int, head_dim: int, scale: float) -> _Graph:
-    key = (device, length, heads, head_dim, scale)
+def _graph(cudnn: Any, device: int, length: int, window: int, heads: int, head_dim: int, scale: float) -> _Graph:
+    key = (device, length, window, heads, head_dim, scale)
     graph = _state.graphs.get(key)
     if graph is not None:
         _state.hits += 1
         _state.graphs.move_to_end(key)
         return graph
     _state.misses += 1
-    graph = _build_graph(cudnn, _handle(cudnn, device), length, heads, head_dim, scale)
+    graph = _build_graph(cudnn, _handle(cudnn, device), length, heads, head_dim, scale, window=window)
     _state.graphs[key] = graph
     while len(_state.graphs) > GRAPH_CACHE_SIZE:
         _state.graphs.popitem(last=False)
@@ -218,6 +263,25 @@ def _scratch(device: int, stream: int, workspace_size: int) -> _Scratch:
     return scratch
 
 
+def _keys_scratch(scratch: _Scratch, rows: int, heads: int, head_dim: int, device: int) -> torch.Tensor:
+    """The (device, stream)'s [2, >= rows, H, D] key/value scratch, zero-filled where new, so every row is finite."""
+    keys = scratch.keys
+    if keys is None or keys.shape[1] < rows or keys.shape[2:] != (heads, head_dim):
+        keys = scratch.keys = torch.zeros((2, rows, heads, head_dim), dtype=FP8_DTYPE, device=device)
+    return keys
+
+
+def key_windows(bounds: Sequence[int], rows: int) -> list[KeyWindow]:
+    """Each non-empty sequence's key window (see the module docstring): its length rounded up to `KEY_TILE`, read in
+    place where it ends within the ``rows`` of the packed buffer."""
+    windows = []
+    for seq, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if end > start:
+            window = -(-(end - start) // KEY_TILE) * KEY_TILE
+            windows.append(KeyWindow(seq, start, end - start, window, start + window <= rows))
+    return windows
+
+
 def _bshd(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """Rows start:end of t [S_total, H, D] as the graphs' [1, H, L, D] view."""
     return t[start:end].unsqueeze(0).transpose(1, 2)
@@ -234,7 +298,8 @@ def cudnn_fp8_attention(
 ) -> torch.Tensor:
     """FP8 attention over packed sequences on cuDNN (see the module docstring); same arguments and result as
     fp8_attention.fp8_attention_ref. q, k, v: [S_total, H, D] e4m3, contiguous (rows of H * D); ``bounds``: the
-    sequence boundaries on the host (cu_seqlens as integers)."""
+    sequence boundaries on the host (cu_seqlens as integers). Keys and values are read in `key_windows`, so the
+    rows of k and v must all be finite, not only those of the sequences."""
     check_attention_inputs(q, k, v, scales, len(bounds) - 1)
     if not q.is_cuda:
         raise ValueError(f"cuDNN FP8 attention runs on CUDA tensors, got {q.device}")
@@ -243,32 +308,41 @@ def cudnn_fp8_attention(
     bounds = check_seq_bounds(bounds, q.shape[0])
     scale = softmax_scale(scale, q.shape[-1])
     cudnn = _cudnn()
-    _, heads, head_dim = q.shape
+    rows, heads, head_dim = q.shape
     device = q.device.index if q.device.index is not None else torch.cuda.current_device()
     out = torch.empty(q.shape, dtype=FP8_DTYPE, device=q.device)
     with _state.lock, torch.cuda.device(device):
         stream = torch.cuda.current_stream(device).cuda_stream
         handle = _handle(cudnn, device)
         cudnn.set_stream(handle, stream)  # a no-op while the stream stays the same
-        for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-            if start == end:
-                continue
-            g = _graph(cudnn, device, end - start, heads, head_dim, scale)
+        for w in key_windows(bounds, rows):
+            g = _graph(cudnn, device, w.length, w.window, heads, head_dim, scale)
             scratch = _scratch(device, stream, g.workspace_size)
-            pack = _variant_pack(g, scratch, (q, k, v, out), scales, b, start, end)
+            if w.in_place:
+                keys, values, key_row = k, v, w.start
+            else:  # the window would run past the buffer: a copy of the sequence's K and V, finite rows after it
+                keys, values = _keys_scratch(scratch, w.window, heads, head_dim, device)
+                keys[: w.length].copy_(k[w.start : w.start + w.length])
+                values[: w.length].copy_(v[w.start : w.start + w.length])
+                key_row = 0
+            pack = _variant_pack(g, scratch, (q, keys, values, out), scales, w, key_row)
             g.graph.execute(pack, scratch.workspace, handle=handle)
     return out
 
 
 def _variant_pack(
-    g: _Graph, scratch: _Scratch, qkvo: tuple[torch.Tensor, ...], scales: Fp8AttentionScales, b: int, start: int,
-    end: int,
+    g: _Graph, scratch: _Scratch, qkvo: tuple[torch.Tensor, ...], scales: Fp8AttentionScales, w: KeyWindow,
+    key_row: int,
 ) -> dict[Any, torch.Tensor]:
-    """Sequence b's tensors (rows start:end of q, k, v and out) for graph g."""
-    q, k, v, out = (_bshd(t, start, end) for t in qkvo)
-    return {
-        g.q: q, g.k: k, g.v: v, g.o: out,
+    """Graph g's tensors for window w: rows w.start.. of q and out, w.window rows from ``key_row`` of k and v."""
+    q, k, v, out = qkvo
+    pack = {
+        g.q: _bshd(q, w.start, w.start + w.length), g.o: _bshd(out, w.start, w.start + w.length),
+        g.k: _bshd(k, key_row, key_row + w.window), g.v: _bshd(v, key_row, key_row + w.window),
         g.descale_q: scales.q, g.descale_k: scales.k,
-        g.descale_v: scales.v[b : b + 1], g.scale_o: scales.o_inv[b : b + 1],
+        g.descale_v: scales.v[w.seq : w.seq + 1], g.scale_o: scales.o_inv[w.seq : w.seq + 1],
         g.descale_s: scratch.descale_s, g.scale_s: scratch.scale_s, g.amax_o: scratch.amax_o,
     }
+    if g.lengths is not None:
+        pack[g.seq_len_q] = pack[g.seq_len_kv] = g.lengths
+    return pack
