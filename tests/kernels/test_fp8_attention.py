@@ -208,6 +208,26 @@ def test_quantize_v_sequence_parallel_rows_strided_and_empty(device):
     assert empty.data.shape == (0, 64) and empty.o_row_scale.shape == (0,) and torch.isfinite(empty.o_inv).all()
 
 
+@needs_triton
+def test_quantize_v_writes_into_out(device):
+    """``out`` receives the codes (the rows of a key_buffer, past which its zero rows stay untouched); a wrong shape
+    or dtype is refused."""
+    v, bounds, cu = packed_v([20, 3, 14], 96, torch.bfloat16, device)
+    amax = sequence_amax(v, bounds)
+    expected = quantize_v_ref(v, amax, cu)
+    buffer = cfa.key_buffer((37, 2, 48), device)
+    for fn in (quantize_v, quantize_v_ref):
+        buffer.view(torch.uint8)[:37] = 0x7F  # NaN codes: every one must be overwritten
+        got = fn(v, amax, cu, out=buffer[:37].view(37, 96))
+        assert got.data.data_ptr() == buffer.data_ptr()
+        codes_agree(buffer[:37].view(37, 96), expected.data, exact=interpreting() or fn is quantize_v_ref)
+        assert not buffer[37:].view(torch.uint8).any()
+    with pytest.raises(ValueError, match="out must be"):
+        quantize_v(v, amax, cu, out=torch.empty(v.shape, device=device))
+    with pytest.raises(ValueError, match="out must be"):
+        quantize_v_ref(v, amax, cu, out=buffer[:36].view(36, 96))
+
+
 def test_v_and_o_scales():
     """V: each sequence's largest |v| maps to 448, every value within half an e4m3 step of it. O: 1 / o_inv of its
     sequence on every row, with the headroom. An all-zero sequence gets the floor scale, no NaN."""
@@ -426,6 +446,29 @@ def test_quantized_attention_close_to_float32():
     assert rel_err(got, attention_fp32(q, k, v, bounds)) < REF_VS_EXACT
 
 
+def test_key_buffer_keys_past_the_rows_change_nothing():
+    """k and v in key_buffers (KEY_TILE - 1 zero rows after the sequences) give the reference the same result as
+    plain ones; k and v may not be shorter than q nor differ from each other."""
+    lengths, h, d = [96, 77, 64], 2, 32
+    bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    gen = torch.Generator().manual_seed(3)
+    q8, k8 = (post_norm(bounds[-1], h, d, torch.ones(d).bfloat16(), gen, out_scale=0.125) for _ in range(2))
+    v = torch.randn(bounds[-1], h, d, generator=gen)
+    qv = quantized_v(v, bounds)
+    scales = scales_for(0.125, 0.125, qv)
+    v8 = qv.data.view(v.shape)
+    plain = fp8_attention_ref(q8, k8, v8, scales, bounds)
+    kb, vb = cfa.key_buffer(k8.shape, "cpu"), cfa.key_buffer(v8.shape, "cpu")
+    assert kb.shape == (k8.shape[0] + cfa.KEY_TILE - 1, *k8.shape[1:]) and kb.dtype == FP8_DTYPE
+    assert not kb[k8.shape[0]:].view(torch.uint8).any()
+    kb[: k8.shape[0]], vb[: v8.shape[0]] = k8, v8
+    assert torch.equal(fp8_attention_ref(q8, kb, vb, scales, bounds).view(torch.uint8), plain.view(torch.uint8))
+    with pytest.raises(ValueError, match="k, v share one"):
+        fp8_attention_ref(q8, kb, v8, scales, bounds)
+    with pytest.raises(ValueError, match="k, v share one"):
+        fp8_attention_ref(q8, k8[:-1], v8[:-1], scales, bounds)
+
+
 def test_reference_checks_its_inputs():
     x8 = torch.zeros(4, 2, 16, dtype=FP8_DTYPE)
     qv = quantized_v(torch.ones(4, 2, 16), [0, 4])
@@ -554,11 +597,38 @@ def test_cudnn_key_windows_equal_keys_at_their_own_length(lengths, monkeypatch):
     needs_cudnn_fp8()
     _, _, v, q8, k8, qv, scales, bounds = gpu_inputs(lengths)
     v8 = qv.data.view(v.shape)
-    windows = cfa.cudnn_fp8_attention(q8, k8, v8, scales, bounds)
+    windows = cfa.cudnn_fp8_attention(q8, k8, v8, scales, bounds)  # the last window from the scratch copy
     assert any(w.window > w.length for w in cfa.key_windows(bounds, v.shape[0]))
+    kb, vb = cfa.key_buffer(k8.shape, "cuda"), cfa.key_buffer(v8.shape, "cuda")
+    kb[: k8.shape[0]], vb[: v8.shape[0]] = k8, v8
+    assert all(w.in_place for w in cfa.key_windows(bounds, kb.shape[0]))
+    in_place = cfa.cudnn_fp8_attention(q8, kb, vb, scales, bounds)  # every window in place
     monkeypatch.setattr(cfa, "KEY_TILE", 1)
     own = cfa.cudnn_fp8_attention(q8, k8, v8, scales, bounds)
     assert torch.equal(windows.view(torch.uint8), own.view(torch.uint8))
+    assert torch.equal(in_place.view(torch.uint8), own.view(torch.uint8))
+
+
+@pytest.mark.gpu
+def test_cudnn_nan_in_a_sequence_stays_out_of_the_one_before():
+    """The first sequence's key window reads the second's first rows (masked). NaN there, in K's codes and in the V
+    that quantize_v reads, leaves the first sequence's output as it was: masked K rows do not reach O, and
+    quantize_v's codes are finite whatever V holds (a NaN code in masked V rows would reach O: section k)."""
+    needs_cudnn_fp8()
+    lengths = [9800, 9606]
+    _, _, v, q8, k8, qv, scales, bounds = gpu_inputs(lengths)
+    clean = cfa.cudnn_fp8_attention(q8, k8, qv.data.view(v.shape), scales, bounds)
+    k8 = k8.clone()
+    k8.view(torch.uint8)[9800:9810] = 0x7F  # NaN codes
+    v = v.clone()
+    v[9800:9810] = float("nan")
+    rows = v.view(v.shape[0], -1)
+    cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
+    bad = quantize_v(rows, sequence_amax(rows, bounds), cu)
+    assert torch.isfinite(bad.data.float()).all()
+    spoiled = Fp8AttentionScales(scales.q, scales.k, bad.scale, bad.o_inv)
+    out = cfa.cudnn_fp8_attention(q8, k8, bad.data.view(v.shape), spoiled, bounds)
+    assert torch.equal(out[:9800].view(torch.uint8), clean[:9800].view(torch.uint8))
 
 
 @pytest.mark.gpu

@@ -21,14 +21,18 @@ wave; one padded batched call cost what the separate calls cost, and torch's rag
 slower (benchmarks/RESULTS.md, session 4). Batch 1 also keeps the number of graphs to build down (one per length).
 
 Keys in whole tiles: cuDNN's FP8 kernel runs 8-12% faster when the key length is a multiple of `KEY_TILE` (256)
-than at any other length (H200, cuDNN 9.19: 9800 tokens 1.40 -> 1.28 ms, 24776 tokens 9.09 -> 8.31 ms; the
-output is bit-identical; benchmarks/RESULTS.md, session 9). So a sequence of L tokens reads its keys and values in
-a window of L rounded up to `KEY_TILE` rows, and cuDNN's padding mask (seq_len_kv = L) keeps the rows past L out
-of the softmax. Those rows are the next sequence's, read in place; a window that would run past the buffer (the
-last sequence) reads a copy of the sequence's K and V in a scratch buffer instead, whose rows past it are finite
-(zeros or an earlier copy's codes). Masked rows must be finite: a NaN there still reaches O through P = 0 times
-V (seen on the H200). The model's V codes never are NaN (`quantize_v` clamps), and K codes are NaN only where the
-request that owns them is already lost.
+than at any other length (H200, cuDNN 9.19: 9800 tokens 1.45 -> 1.37 ms, 9606 1.41 -> 1.30, 24776 9.26 -> 8.45;
+the output is bit-identical; benchmarks/attention_fp8.py section k, benchmarks/RESULTS.md session 9). So a
+sequence of L tokens reads its keys and values in a window of L rounded up to `KEY_TILE` rows, and cuDNN's padding
+mask (seq_len_kv = L) keeps the rows past L out of the softmax. Those rows are read in place: the next sequence's,
+or past the last sequence the zero rows that `key_buffer` leaves after K's and V's (k and v may be longer than q).
+A window that would run past the buffer (with Ulysses, whose all-to-alls make the buffers, or where a caller gives
+plain ones) reads a copy of the sequence's K and V in a scratch buffer instead, whose rows past the copy are finite
+(zeros, or an earlier copy's codes).
+
+Masked rows must be finite. A NaN code in a masked row of K stays out of O, but one in V reaches it through
+P = 0 times NaN (both seen on the H200, section k). The model's V codes cannot be NaN (`quantize_v` clamps them),
+so a failed neighbour cannot spoil a sequence's output.
 
 Graphs are built once per (device, length, key window, heads, head dim, softmax scale) and kept (LRU of
 `GRAPH_CACHE_SIZE`): building one takes far longer than running it. They run on torch's current stream, through
@@ -52,7 +56,7 @@ from vllm_layered.kernels.fp8_attention import Fp8AttentionScales, check_attenti
 
 __all__ = [
     "GRAPH_CACHE_SIZE", "INSTALL_HINT", "KEY_TILE", "MIN_CAPABILITY", "GraphCacheInfo", "KeyWindow",
-    "clear_graph_cache", "cudnn_fp8_attention", "cudnn_frontend_error", "graph_cache_info", "key_windows",
+    "clear_graph_cache", "cudnn_fp8_attention", "cudnn_frontend_error", "graph_cache_info", "key_buffer", "key_windows",
 ]
 
 INSTALL_HINT = ("pip install 'vllm-layered[fp8-attention]' (or, without the frontend's CuTe DSL dependencies, which "
@@ -271,6 +275,15 @@ def _keys_scratch(scratch: _Scratch, rows: int, heads: int, head_dim: int, devic
     return keys
 
 
+def key_buffer(shape: tuple[int, int, int], device: torch.device | str) -> torch.Tensor:
+    """An e4m3 buffer for K or V of ``shape`` [S_total, H, D] with KEY_TILE - 1 zero rows after it: written in its
+    first S_total rows and given whole to `cudnn_fp8_attention`, it lets every key window read in place."""
+    rows, heads, head_dim = shape
+    buffer = torch.empty((rows + KEY_TILE - 1, heads, head_dim), dtype=FP8_DTYPE, device=device)
+    buffer[rows:].zero_()
+    return buffer
+
+
 def key_windows(bounds: Sequence[int], rows: int) -> list[KeyWindow]:
     """Each non-empty sequence's key window (see the module docstring): its length rounded up to `KEY_TILE`, read in
     place where it ends within the ``rows`` of the packed buffer."""
@@ -297,9 +310,9 @@ def cudnn_fp8_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """FP8 attention over packed sequences on cuDNN (see the module docstring); same arguments and result as
-    fp8_attention.fp8_attention_ref. q, k, v: [S_total, H, D] e4m3, contiguous (rows of H * D); ``bounds``: the
-    sequence boundaries on the host (cu_seqlens as integers). Keys and values are read in `key_windows`, so the
-    rows of k and v must all be finite, not only those of the sequences."""
+    fp8_attention.fp8_attention_ref. q: [S_total, H, D] e4m3, contiguous (rows of H * D); k, v: the same, or longer
+    (`key_buffer`); ``bounds``: the sequence boundaries on the host (cu_seqlens as integers). Keys and values are
+    read in `key_windows`, so every row of k and v must be finite, not only the sequences'."""
     check_attention_inputs(q, k, v, scales, len(bounds) - 1)
     if not q.is_cuda:
         raise ValueError(f"cuDNN FP8 attention runs on CUDA tensors, got {q.device}")
@@ -308,14 +321,14 @@ def cudnn_fp8_attention(
     bounds = check_seq_bounds(bounds, q.shape[0])
     scale = softmax_scale(scale, q.shape[-1])
     cudnn = _cudnn()
-    rows, heads, head_dim = q.shape
+    _, heads, head_dim = q.shape
     device = q.device.index if q.device.index is not None else torch.cuda.current_device()
     out = torch.empty(q.shape, dtype=FP8_DTYPE, device=q.device)
     with _state.lock, torch.cuda.device(device):
         stream = torch.cuda.current_stream(device).cuda_stream
         handle = _handle(cudnn, device)
         cudnn.set_stream(handle, stream)  # a no-op while the stream stays the same
-        for w in key_windows(bounds, rows):
+        for w in key_windows(bounds, k.shape[0]):
             g = _graph(cudnn, device, w.length, w.window, heads, head_dim, scale)
             scratch = _scratch(device, stream, g.workspace_size)
             if w.in_place:

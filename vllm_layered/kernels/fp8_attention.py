@@ -60,6 +60,7 @@ from vllm_layered.kernels.triton_utils import (
     next_power_of_2,
     require_triton,
     row_chunks,
+    row_output,
     row_settings,
     tl,
     triton,
@@ -325,7 +326,8 @@ def _quantize_v_kernel(
 
 
 def _check_v(
-    v: torch.Tensor, seq_amax: torch.Tensor, cu_seqlens: torch.Tensor, row_offset: int, mean: torch.Tensor | None
+    v: torch.Tensor, seq_amax: torch.Tensor, cu_seqlens: torch.Tensor, row_offset: int, mean: torch.Tensor | None,
+    out: torch.Tensor | None,
 ) -> None:
     if v.dim() != 2 or v.shape[1] == 0:
         raise ValueError(f"v must be [N, C] with C > 0, got shape {tuple(v.shape)}")
@@ -342,27 +344,30 @@ def _check_v(
                          f"{tuple(mean.shape)}")
     if row_offset < 0:
         raise ValueError(f"row_offset must be >= 0, got {row_offset}")
-    check_one_device("v", v, seq_amax, cu_seqlens, *(() if mean is None else (mean,)))
+    if out is not None and (out.shape != v.shape or out.dtype != FP8_DTYPE):
+        raise ValueError(f"out must be [N, C] = {list(v.shape)} {FP8_DTYPE}, got {out.dtype} {tuple(out.shape)}")
+    check_one_device("v", v, seq_amax, cu_seqlens, *(t for t in (mean, out) if t is not None))
 
 
 def quantize_v(
     v: torch.Tensor, seq_amax: torch.Tensor, cu_seqlens: torch.Tensor, row_offset: int = 0,
-    mean: torch.Tensor | None = None,
+    mean: torch.Tensor | None = None, out: torch.Tensor | None = None,
 ) -> QuantizedV:
     """e4m3 V for FP8 attention, one scale per sequence (see the module docstring): v [N, C] holds joint rows
     row_offset.. of the buffer whose sequence bounds are ``cu_seqlens`` (on v's device: no host sync); a row of
     sequence b becomes clamp(v * 448 / seq_amax[b]). ``seq_amax``: `sequence_amax` (v, ...), or a sequence-parallel
     group's all-reduced value. With ``mean`` ([B, C] float32, `sequence_stats`) the row is centered first,
     clamp((v - mean[b]) * 448 / (V_CENTERED_BOUND * seq_amax[b])). The sequences' row bounds are not checked on the
-    device. Strided rows are read in place."""
+    device. Strided rows are read in place. ``out``: an e4m3 [N, C] buffer for the codes (rows of H * D, e.g. a
+    cudnn_fp8_attention.key_buffer's), else a new one."""
     require_triton("quantize_v")
-    _check_v(v, seq_amax, cu_seqlens, row_offset, mean)
+    _check_v(v, seq_amax, cu_seqlens, row_offset, mean, out)
     v = last_dim_contiguous(v)
     m, k = v.shape
     if m == 0:  # no program would write the scales
-        return quantize_v_ref(v, seq_amax, cu_seqlens, row_offset, mean)
+        return quantize_v_ref(v, seq_amax, cu_seqlens, row_offset, mean, out)
     num_seqs = seq_amax.numel()
-    out = QuantizedV(torch.empty((m, k), dtype=FP8_DTYPE, device=v.device), _scale_vector(num_seqs, v.device),
+    out = QuantizedV(row_output(out, v, "C", FP8_DTYPE), _scale_vector(num_seqs, v.device),
                      _scale_vector(num_seqs, v.device), torch.empty(m, dtype=torch.float32, device=v.device))
     center = mean is not None
     mean = last_dim_contiguous(mean) if center else seq_amax  # a placeholder pointer, never read
@@ -384,18 +389,19 @@ def _joint_row_sequence(cu_seqlens: torch.Tensor, n: int, row_offset: int, num_s
 
 def quantize_v_ref(
     v: torch.Tensor, seq_amax: torch.Tensor, cu_seqlens: torch.Tensor, row_offset: int = 0,
-    mean: torch.Tensor | None = None,
+    mean: torch.Tensor | None = None, out: torch.Tensor | None = None,
 ) -> QuantizedV:
     """PyTorch version of `quantize_v` (same arguments, same arithmetic: bit for bit where division is IEEE)."""
-    _check_v(v, seq_amax, cu_seqlens, row_offset, mean)
+    _check_v(v, seq_amax, cu_seqlens, row_offset, mean, out)
     bound = seq_amax.clamp(min=SCALE_EPS) * (1.0 if mean is None else V_CENTERED_BOUND)
     # tensor / tensor only: torch may turn a division by a Python float into a multiplication by its reciprocal
     fp8_max = torch.full_like(bound, FP8_MAX)
     scaled = bound * O_HEADROOM
     seq = _joint_row_sequence(cu_seqlens, v.shape[0], row_offset, bound.numel())
     x = v.float() if mean is None else v.float() - mean[seq]
+    codes = (x * (fp8_max / bound)[seq, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return QuantizedV(
-        (x * (fp8_max / bound)[seq, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE),
+        codes if out is None else out.copy_(codes),
         bound / fp8_max,
         fp8_max / scaled,
         (scaled / fp8_max)[seq],
@@ -472,11 +478,12 @@ def restore_mean_ref(
 def check_attention_inputs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales: Fp8AttentionScales, num_seqs: int
 ) -> None:
-    """The checks shared by the FP8 attention backends: e4m3 q, k, v of one [S_total, H, D] shape, float32 scales (one
-    value for q and k, one per sequence for v and o_inv), one device."""
-    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must share one [S_total, H, D] shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+    """The checks shared by the FP8 attention backends: e4m3 q [S_total, H, D] and k, v of one shape [S_k, H, D] with
+    S_k >= S_total (rows past S_total are key padding, cudnn_fp8_attention.key_buffer), float32 scales (one value for
+    q and k, one per sequence for v and o_inv), one device."""
+    if q.dim() != 3 or k.shape[1:] != q.shape[1:] or k.shape[0] < q.shape[0] or v.shape != k.shape:
+        raise ValueError(f"q must be [S_total, H, D] and k, v share one [S_k >= S_total, H, D] shape, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if any(t.dtype != FP8_DTYPE for t in (q, k, v)):
         raise ValueError(f"q, k, v must be {FP8_DTYPE}, got {q.dtype}, {k.dtype}, {v.dtype}")
     for name, count in (("q", 1), ("k", 1), ("v", num_seqs), ("o_inv", num_seqs)):

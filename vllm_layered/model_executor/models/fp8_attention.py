@@ -20,7 +20,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vllm_layered.kernels.cudnn_fp8_attention import MIN_CAPABILITY, cudnn_fp8_attention, cudnn_frontend_error
+from vllm_layered.kernels.cudnn_fp8_attention import (
+    MIN_CAPABILITY,
+    cudnn_fp8_attention,
+    cudnn_frontend_error,
+    key_buffer,
+)
 from vllm_layered.kernels.fp8_attention import (
     Fp8AttentionScales,
     fp8_attention_ref,
@@ -131,10 +136,12 @@ def fp8_joint_attention(
     if exchange is not None:  # each rank's mean is its rows' sum over the whole length: the group adds them up
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=exchange.group)
         dist.all_reduce(mean, op=dist.ReduceOp.SUM, group=exchange.group)
-    quantized = (quantize_v if kernels else quantize_v_ref)(rows, amax, meta.cu_seqlens, row_offset, mean)
-    v8 = quantized.data.view(v.shape)
+    # one rank: V's codes, like K's, in a key_buffer, whose zero rows after the last sequence its key window reads
+    v8 = None if exchange is not None else key_buffer(v.shape, v.device)
+    codes = None if v8 is None else v8[: meta.total_tokens].view(rows.shape)
+    quantized = (quantize_v if kernels else quantize_v_ref)(rows, amax, meta.cu_seqlens, row_offset, mean, codes)
     if exchange is not None:
-        q, k, v8 = q.wait(), k.wait(), exchange.scatter_heads(v8)
+        q, k, v8 = q.wait(), k.wait(), exchange.scatter_heads(quantized.data.view(v.shape))
     scales = Fp8AttentionScales(layer.q_descale, layer.k_descale, quantized.scale, quantized.o_inv)
     out = (cudnn_fp8_attention if q.is_cuda else fp8_attention_ref)(q, k, v8, scales, meta.seq_bounds)
     if exchange is not None:

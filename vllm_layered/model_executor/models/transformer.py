@@ -23,6 +23,7 @@ from torch import nn
 
 from vllm_layered.kernels import adaln, qk_norm_rope
 from vllm_layered.kernels.attention import attention
+from vllm_layered.kernels.cudnn_fp8_attention import key_buffer
 from vllm_layered.kernels.fp8 import FP8_DTYPE
 from vllm_layered.kernels.triton_utils import use_triton
 from vllm_layered.model_executor.forward_batch import ForwardBatch, PackedMetadata
@@ -160,7 +161,9 @@ class JointAttention(nn.Module):
         fp8 = self.fp8_attention
         heads = (-1, self.num_heads, self.head_dim)
         shape = (meta.total_tokens, self.num_heads, self.head_dim)
-        q, k = (torch.empty(shape, dtype=img.dtype if fp8 is None else FP8_DTYPE, device=img.device) for _ in range(2))
+        q = torch.empty(shape, dtype=img.dtype if fp8 is None else FP8_DTYPE, device=img.device)
+        # FP8 on one rank: K with zero rows after the last sequence, so that every key window reads in place
+        k = torch.empty_like(q) if fp8 is None or meta.ulysses is not None else key_buffer(shape, img.device)
         v = torch.empty(shape, dtype=img.dtype, device=img.device)
         q_scale, k_scale = (None, None) if fp8 is None else (fp8.q_scale, fp8.k_scale)  # FP8: e4m3 Q and K
         norm_rope = qk_norm_rope.qk_norm_rope if use_triton(v) else qk_norm_rope.qk_norm_rope_ref
