@@ -46,13 +46,6 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 @triton.jit
-def _gated_sum(x, gate, y, dtype: tl.constexpr):
-    """x + gate * y in float32 with the product rounded to ``dtype`` first, as the eager path computes it (the caller
-    rounds the sum to dtype where it stores it)."""
-    return x + (gate * y).to(dtype).to(tl.float32)
-
-
-@triton.jit
 def _layernorm_modulate_kernel(
     X, SHIFT, SCALE, SEG, OUT, OUT_SCALE, RES, GATE,  #
     stride_xn, stride_shift, stride_scale, stride_on, stride_rn, stride_gate,  #
@@ -74,7 +67,7 @@ def _layernorm_modulate_kernel(
         gates = load_row_chunks(GATE + seg * stride_gate, n_cols, CHUNK, N_CHUNKS)
         updated = ()
         for i in tl.static_range(N_CHUNKS):
-            updated = updated + (_gated_sum(xs[i], gates[i], res[i], dtype).to(dtype).to(tl.float32),)
+            updated = updated + ((xs[i] + (gates[i] * res[i]).to(dtype).to(tl.float32)).to(dtype).to(tl.float32),)
         xs = updated
         store_row_chunks(X + row * stride_xn, xs, n_cols, CHUNK, N_CHUNKS)
     mean = chunks_sum(xs, N_CHUNKS) / n_cols
@@ -116,7 +109,8 @@ def _gated_residual_kernel(
     gate = tl.load(GATE + seg * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(X + row * stride_xn + cols, mask=mask, other=0.0).to(tl.float32)
     y = tl.load(Y + row * stride_yn + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + row * stride_on + cols, _gated_sum(x, gate, y, dtype).to(dtype), mask=mask)
+    out = x + (gate * y).to(dtype).to(tl.float32)
+    tl.store(OUT + row * stride_on + cols, out.to(dtype), mask=mask)
 
 
 def _check_rows(name: str, t: torch.Tensor, n: int | None, c: int, dtype: torch.dtype) -> None:

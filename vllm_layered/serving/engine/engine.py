@@ -297,17 +297,13 @@ class ThreadedEngine:
             if entry is None:
                 return False
             entry.cancel_requested = True
-            jobs = self._preparing_jobs(entry)
+            jobs = [(job, runs) for job, runs in self._preparing.items() if runs[0].entry is entry]
             cancelled = [job.cancel() for job, _ in jobs]  # those not started never will
             idle = bool(entry.runs) and sum(len(runs) for _, runs in jobs) == len(entry.runs) and all(cancelled)
             if self._waiting.remove(request_id) or idle:
                 self._end(entry, *entry.stop_reason(time.monotonic()))
         self._wakeup.set()
         return True
-
-    def _preparing_jobs(self, entry: EngineRequest) -> list[tuple[Future, list[NodeRun]]]:
-        """The aux jobs preprocessing ``entry``'s runs (call with the lock held)."""
-        return [(job, runs) for job, runs in self._preparing.items() if runs[0].entry is entry]
 
     async def shutdown(self, grace_period_s: float = 30.0) -> None:
         """Stop admitting, let queued and running work finish for ``grace_period_s``, cancel the rest. Every
@@ -380,7 +376,7 @@ class ThreadedEngine:
         request_id = entry.request_id
         self._requests.pop(request_id, None)
         self._waiting.remove(request_id)
-        for job, _ in self._preparing_jobs(entry):
+        for job in [job for job, runs in self._preparing.items() if runs[0].entry is entry]:
             del self._preparing[job]
             job.cancel()  # not started yet: never will; started: it stops at its next boundary
         for run in entry.runs:
